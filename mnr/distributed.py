@@ -1,0 +1,78 @@
+"""All collective code of the project lives here.
+
+Without an initialised process group every helper degrades to the single-process answer
+(rank 0, world size 1, identity gather), so the loss and its tests need no process group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradients over processes.
+
+    Gradient argument (why this gives exactly the single-process gradient under DDP):
+    process r computes L_r = mean CE over its B local anchors, scored against the gathered
+    candidates of all N processes.  The single-process loss over the N*B batch is
+    L = (1/N) * sum_r L_r.  A candidate embedding c produced on process s is used by every L_r,
+    so dL/dc = (1/N) * sum_r dL_r/dc.  Backward here all-reduces (sums) the gradient of the
+    gathered tensor and keeps this process's slice, i.e. each process gets sum_r dL_r/dc for its
+    own candidates; its parameter gradient is then d(sum_r L_r)/dtheta through its own forward.
+    DDP averages parameter gradients over processes (divides by N), which yields
+    (1/N) * d(sum_r L_r)/dtheta = dL/dtheta: no stray factor of N.  Keeping only the local slice
+    without the all-reduce would drop the cross-process terms instead.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank = dist.get_rank()
+        ctx.local_size = tensor.shape[0]
+        chunks = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(chunks, tensor.contiguous())
+        return torch.cat(chunks, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.local_size
+        return grad[start : start + ctx.local_size]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` (same shape on every process) from all processes along dim 0.
+
+    Keeps the autograd graph (unlike `accelerator.gather`, which is for metrics only).
+    Returns the input unchanged when single-process.
+    """
+    if not is_distributed():
+        return tensor
+    return _AllGatherWithGrad.apply(tensor)
+
+
+def all_gather_object(obj):
+    """Gather a picklable object from every process (metrics, checks); a one-item list when single-process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny random BERT models built in-test (no downloads), paths to shared data."""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+WORDS = ("a the man woman person people dog cat is are on in with at of and playing sitting running "
+         "standing outside inside street water ball child children boy girl two three red blue young "
+         "old car house tree grass shirt black white near walking riding bike eating food sleeping").split()
+
+
+def build_tiny_model(path: Path, *, dropout: float = 0.0, seed: int = 0, layers: int = 2, hidden: int = 32,
+                     max_positions: int = 64) -> Path:
+    """A random 2-layer BERT with a small WordPiece vocabulary, saved like a hub model (safetensors)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = special + chars + ["##" + c for c in string.ascii_lowercase + string.digits] + WORDS
+    vocab_file = path / "vocab.txt"
+    vocab_file.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True, model_max_length=max_positions)
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=4, intermediate_size=hidden * 2, max_position_embeddings=max_positions,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    BertModel(config, add_pooling_layer=False).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Dropout off: runs are exactly reproducible."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dropout(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert-dropout"), dropout=0.1)
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    d = tmp_path / "token-cache"
+    monkeypatch.setenv("MNR_CACHE", str(d))
+    return d
+
+
+def write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    path.write_text("\t".join(header) + "\n" + "".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def nli_rows(n_premises: int = 40) -> list[list[str]]:
+    """Synthetic NLI: each premise with one entailment, one neutral, one contradiction; all texts distinct."""
+    rows = []
+    for i in range(n_premises):
+        w = WORDS[i % len(WORDS)]
+        p = f"a man {w} {i} is playing outside"
+        rows += [[p, f"a person {w} {i} plays", "entailment"], [p, f"the man {w} {i} is young", "neutral"],
+                 [p, f"a woman {w} {i} is sleeping", "contradiction"]]
+    return rows
+
+
+@pytest.fixture()
+def nli_file(tmp_path) -> Path:
+    return write_tsv(tmp_path / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows())
+
+
+@pytest.fixture()
+def sts_file(tmp_path) -> Path:
+    rows = []
+    for i in range(30):
+        w = WORDS[i % len(WORDS)]
+        rows.append([f"a dog {w} {i} runs", f"a dog {w} is running {i}", str(float(i % 6))])
+    return write_tsv(tmp_path / "sts.tsv", ["sentence1", "sentence2", "score"], rows)
+
+
+def shared_file(rel: str) -> Path:
+    path = SHARED_DATA / rel
+    if not path.exists():
+        pytest.skip(f"shared data {rel} not present")
+    return path
