@@ -168,7 +168,7 @@ def setup_logging(is_main: bool) -> None:
     level = logging.INFO if is_main else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger().setLevel(level)
-    for noisy in ("transformers", "datasets", "httpx", "urllib3", "filelock"):
+    for noisy in ("transformers", "datasets", "httpx", "urllib3", "filelock", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -275,7 +275,7 @@ def run(cfg: TrainConfig) -> dict:
     stop.install()
     progress = Progress(cfg.progress and accelerator.is_main_process, total_steps, pos.global_step)
     model.train()
-    t_last, pairs_since = time.perf_counter(), 0
+    t_last, pairs_since, lr = time.perf_counter(), 0, scheduler.get_last_lr()[0]
     try:
         while pos.global_step < total_steps:
             loader = make_loader(sampler, collator, pos.epoch, pos.step_in_epoch)
@@ -300,6 +300,7 @@ def run(cfg: TrainConfig) -> dict:
                     logger.warning("skipping %s: non-finite loss or gradient (examples %s); %d skipped so far",
                                    where, batch["example_indices"].tolist(), pos.skipped_steps)
                 else:
+                    lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged below)
                     optimizer.step()
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -310,7 +311,7 @@ def run(cfg: TrainConfig) -> dict:
                 if pos.global_step % cfg.log_steps == 0 or pos.global_step == total_steps:
                     now = time.perf_counter()
                     record = {"step": pos.global_step, "epoch": pos.epoch, "loss": float(loss.item()),
-                              "lr": scheduler.get_last_lr()[0], "pairs_per_s": pairs_since / (now - t_last),
+                              "lr": lr, "pairs_per_s": pairs_since / (now - t_last),
                               "grad_norm": float(grad_norm), "global_batch": global_batch,
                               "negatives_per_anchor": negatives_per_anchor, "skipped_steps": pos.skipped_steps}
                     metrics.write(record)
