@@ -183,16 +183,18 @@ def run(cfg: TrainConfig) -> dict:
 
         report_to = "tensorboard" if is_tensorboard_available() else "none"
     accelerator = Accelerator(log_with=None if report_to == "none" else report_to, project_dir=cfg.output_dir,
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+                              cpu=_launched_without_device())
     setup_logging(accelerator.is_main_process)
     world, rank = accelerator.num_processes, accelerator.process_index
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and world != launched:  # N independent runs into one output dir would silently train N separate models
+        raise TrainingError(f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate set up "
+                            f"{world} ({accelerator.distributed_type}); check the accelerate config")
     gather = cfg.gather_negatives if cfg.gather_negatives is not None else world > 1
     if cfg.mini_batch_size > cfg.batch_size:
         raise TrainingError(f"mini_batch_size={cfg.mini_batch_size} is larger than batch_size={cfg.batch_size}")
-    distributed_type = str(accelerator.distributed_type)
-    if gather and ("DEEPSPEED" in distributed_type or "FSDP" in distributed_type) and cfg.mini_batch_size:
-        raise TrainingError(f"--mini-batch-size (GradCache) is not supported under {distributed_type}: its several "
-                            f"forwards per step need DDP's no_sync; use multi-GPU DDP or drop --mini-batch-size")
+    _check_backend(accelerator, cfg)
     out = prepare_output_dir(cfg, accelerator.is_main_process)
     resume_from = _find_resume(cfg, out)
     set_seed(cfg.seed)
@@ -312,7 +314,7 @@ def run(cfg: TrainConfig) -> dict:
                     now = time.perf_counter()
                     record = {"step": pos.global_step, "epoch": pos.epoch, "loss": float(loss.item()),
                               "lr": lr, "pairs_per_s": pairs_since / (now - t_last),
-                              "grad_norm": float(grad_norm), "global_batch": global_batch,
+                              "grad_norm": None if grad_norm is None else float(grad_norm), "global_batch": global_batch,
                               "negatives_per_anchor": negatives_per_anchor, "skipped_steps": pos.skipped_steps}
                     metrics.write(record)
                     progress.update(1, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
@@ -361,11 +363,60 @@ def run(cfg: TrainConfig) -> dict:
     return summary
 
 
+def _launched_without_device() -> bool:
+    """A torchrun-style launch (`accelerate launch --multi_gpu --num_processes N`, WORLD_SIZE > 1) on a machine
+    where Accelerate finds no GPU-like device: without cpu=True Accelerate would give every process world size 1
+    (N independent runs); with it, the processes form one gloo group on the CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    from accelerate import PartialState
+
+    if PartialState._shared_state:  # already set up (e.g. by a caller): keep it
+        return False
+    if PartialState().num_processes > 1:
+        return False
+    PartialState._reset_state()  # no process group was created: safe to set up again, on the CPU
+    return True
+
+
+def _check_backend(accelerator, cfg: TrainConfig) -> None:
+    """Refuse, before any work, what would silently train wrong under FSDP or DeepSpeed.
+
+    - GradCache runs several forwards/backwards per step; DeepSpeed steps the optimizer inside every
+      accelerator.backward and FSDP has no equivalent of DDP's no_sync here.
+    - FSDP and ZeRO-3 shard the parameters: the rank-0-only evaluation and export would see shards.
+      (The all-gather of negatives is unaffected: it gathers activations, not parameters.)
+    - DeepSpeed applies the optimizer step inside accelerator.backward, before the non-finite check.
+    """
+    kind = str(accelerator.distributed_type)
+    if cfg.mini_batch_size and ("DEEPSPEED" in kind or "FSDP" in kind):
+        raise TrainingError(f"--mini-batch-size (GradCache) is not supported under {kind}: its several forwards "
+                            f"per step need DDP's no_sync; use multi-GPU DDP or drop --mini-batch-size")
+    if "FSDP" in kind:
+        raise TrainingError(f"distributed_type={kind} is not supported: FSDP shards the parameters, so the "
+                            f"rank-0 evaluation and model export would see shards; use DDP "
+                            f"(accelerate_configs/multi_gpu.yaml) or DeepSpeed ZeRO-2 "
+                            f"(accelerate_configs/deepspeed_zero2.yaml)")
+    if "DEEPSPEED" in kind:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (0, 1, 2):
+            raise TrainingError(f"DeepSpeed zero_stage={stage} is not supported: ZeRO-3 shards the parameters, "
+                                f"so the rank-0 evaluation and export would see shards; use zero_stage 1 or 2")
+        if cfg.skip_nonfinite:
+            raise TrainingError("--skip-nonfinite is not supported under DeepSpeed: DeepSpeed applies the "
+                                "optimizer step inside backward, before mnr can check the loss")
+        ds["train_micro_batch_size_per_gpu"] = cfg.batch_size  # no DataLoader goes through prepare()
+        ds["gradient_accumulation_steps"] = 1
+        ds["gradient_clipping"] = cfg.max_grad_norm  # DeepSpeed clips inside its own step (0: no clipping)
+
+
 def _check_step(loss: torch.Tensor, grad_norm, signum: int, world: int) -> tuple[bool, bool]:
     """One host sync per step: is the loss/gradient non-finite here or anywhere, and did any process get a
     stop signal (all processes must agree, or one would wait forever in the next collective)."""
     flags = torch.stack([(~torch.isfinite(loss.detach().float())).float(),
-                         (~torch.isfinite(torch.as_tensor(grad_norm, device=loss.device).float())).float(),
+                         (~torch.isfinite(torch.as_tensor(0.0 if grad_norm is None else grad_norm,  # None: DeepSpeed
+                                                          device=loss.device).float())).float(),
                          torch.tensor(float(signum > 0), device=loss.device)])
     if world > 1:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
@@ -381,6 +432,8 @@ def _eval_and_keep_best(evaluate, export, metrics: MetricsLog, pos: Position, ou
 
 
 def _keep_best(score: float, export, pos: Position, out: Path) -> None:
+    if math.isnan(score):  # constant similarities (a collapsed model): never "best"
+        return
     if pos.best_score is None or score > pos.best_score:
         pos.best_score = score
         if distributed.rank() == 0:

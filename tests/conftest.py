@@ -30,9 +30,10 @@ def build_tiny_model(path: Path, *, dropout: float = 0.0, seed: int = 0, layers:
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
     vocab = special + chars + ["##" + c for c in string.ascii_lowercase + string.digits] + WORDS
-    vocab_file = path / "vocab.txt"
-    vocab_file.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True, model_max_length=max_positions)
+    # transformers 5 ignores vocab_file= (every word would be [UNK]); vocab= takes the mapping
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(dict.fromkeys(vocab))}, do_lower_case=True,
+                                  model_max_length=max_positions)
+    assert tokenizer.tokenize("a man 7")[:2] == ["a", "man"], "tiny tokenizer lost its vocabulary"
     tokenizer.save_pretrained(path)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,

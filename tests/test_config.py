@@ -1,0 +1,74 @@
+"""Config: defaults, YAML + flags (flags win), validation errors that name the field and value."""
+
+import pytest
+
+from mnr.config import ConfigError, TrainConfig, build_parser, parse_config
+
+
+def test_defaults_are_the_tutorial_recipe():
+    cfg = parse_config([])
+    assert (cfg.batch_size, cfg.epochs, cfg.lr, cfg.warmup_ratio, cfg.scale, cfg.max_seq_length) == (
+        32, 1, 2e-5, 0.1, 20.0, 128)
+    assert cfg.hard_negatives and cfg.n_roles == 3
+
+
+def test_yaml_then_flags_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("batch-size: 64\nlr: 1.0e-4\nhard_negatives: false\nscale: 30\n")
+    cfg = parse_config(["--config", str(path), "--lr", "3e-5"])
+    assert cfg.batch_size == 64 and cfg.lr == 3e-5 and cfg.hard_negatives is False and cfg.scale == 30.0
+
+
+@pytest.mark.parametrize("argv, field, value", [
+    (["--batch-size", "1"], "batch_size", "1"),
+    (["--lr", "0"], "lr", "0.0"),
+    (["--warmup-ratio", "1.5"], "warmup_ratio", "1.5"),
+    (["--scale", "-1"], "scale", "-1.0"),
+    (["--epochs", "0"], "epochs", "0"),
+    (["--max-steps", "0"], "max_steps", "0"),
+    (["--mini-batch-size", "-2"], "mini_batch_size", "-2"),
+    (["--report-to", "mlflowx"], "report_to", "'mlflowx'"),
+    (["--resume", "/no/such/dir"], "resume", "'/no/such/dir'"),
+    (["--max-seq-length", "2"], "max_seq_length", "2"),
+])
+def test_bad_values_name_field_and_value(argv, field, value):
+    with pytest.raises(ConfigError) as err:
+        parse_config(argv)
+    assert f"{field}={value}" in str(err.value)
+
+
+def test_yaml_errors(tmp_path):
+    unknown = tmp_path / "u.yaml"
+    unknown.write_text("batch_sise: 4\n")
+    with pytest.raises(ConfigError, match="unknown key 'batch_sise'"):
+        parse_config(["--config", str(unknown)])
+    wrong_type = tmp_path / "t.yaml"
+    wrong_type.write_text("batch_size: many\n")
+    with pytest.raises(ConfigError, match="batch_size='many'"):
+        parse_config(["--config", str(wrong_type)])
+    with pytest.raises(ConfigError, match="no such file"):
+        parse_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_every_field_has_a_documented_flag():
+    help_text = build_parser().format_help()
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in help_text
+    for flag in ["--model", "--train-data", "--eval-data", "--output-dir", "--batch-size", "--epochs", "--max-steps",
+                 "--lr", "--warmup-ratio", "--weight-decay", "--scale", "--max-seq-length", "--seed",
+                 "--hard-negatives", "--eval-steps", "--save-steps", "--config"]:
+        assert flag in help_text
+
+
+def test_bad_config_stops_before_any_model_is_loaded(capsys, monkeypatch):
+    import mnr.model
+
+    def boom(*a, **k):
+        raise AssertionError("model loaded")
+
+    monkeypatch.setattr(mnr.model, "load_encoder", boom)
+    from mnr.train import main
+
+    assert main(["--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size=1" in err and "Traceback" not in err

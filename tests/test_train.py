@@ -1,0 +1,124 @@
+"""End-to-end: main([...]) trains a few steps and writes a checkpoint that loads everywhere."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mnr.train import linear_schedule, main
+
+REPO_ROOT = __import__("conftest").REPO
+
+
+def _args(model, train, out, *extra):
+    return ["--model", str(model), "--train-data", str(train), "--output-dir", str(out), "--batch-size", "4",
+            "--max-seq-length", "32", "--report-to", "none", "--no-progress", "--seed", "0", *extra]
+
+
+def test_schedule_warms_up_over_total_steps_and_decays_to_zero():
+    f = linear_schedule(total_steps=100, warmup_steps=10)
+    lrs = [f(s) for s in range(101)]
+    assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.5)  # halfway through the decay of the 90 post-warm-up steps
+    assert lrs[100] == 0 and max(lrs) == 1.0
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    # no warm-up: full rate at the first step
+    assert linear_schedule(10, 0)(0) == 1.0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model):
+    from conftest import WORDS, nli_rows, write_tsv
+
+    root = tmp_path_factory.mktemp("run")
+    train = write_tsv(root / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows(40))
+    sts = write_tsv(root / "sts.tsv", ["sentence1", "sentence2", "score"],
+                    [[f"a {WORDS[i]} dog runs", f"the {WORDS[-i]} dog {i} is running", str(i % 5)]
+                     for i in range(20)])
+    out = root / "out"
+    rc = main(_args(tiny_model, train, out, "--eval-data", str(sts), "--max-steps", "6", "--log-steps", "2",
+                    "--eval-steps", "3", "--save-steps", "3", "--lr", "1e-3", "--cache-dir", str(root / "cache")))
+    assert rc == 0
+    return out, sts
+
+
+def test_run_writes_model_metrics_checkpoints_and_best(trained):
+    out, _ = trained
+    for name in ["model.safetensors", "config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json",
+                 "config_sentence_transformers.json", "sentence_bert_config.json", "README.md", "metrics.jsonl"]:
+        assert (out / name).is_file(), name
+    assert (out / "checkpoint-3" / "model.safetensors").is_file() and (out / "checkpoint-6").is_dir()
+    assert (out / "best" / "model.safetensors").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_logs = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_logs] == [2, 4, 6]
+    assert all(r["global_batch"] == 4 and r["negatives_per_anchor"] == 7 for r in train_logs)
+    assert train_logs[0]["lr"] > 0
+    evals = [r for r in records if "stsb_spearman" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert json.loads((out / "sentence_bert_config.json").read_text())["max_seq_length"] == 32
+    card = (out / "README.md").read_text()
+    assert "Optimizer steps: 6" in card and "STSb Spearman" in card
+
+
+def test_weights_changed(trained, tiny_model):
+    from safetensors.torch import load_file
+
+    before = load_file(str(tiny_model / "model.safetensors"))
+    after = load_file(str(trained[0] / "model.safetensors"))
+    key = "encoder.layer.0.attention.self.query.weight"
+    assert (before[key] - after[key]).abs().max() > 1e-4
+
+
+def test_checkpoint_loads_with_automodel_and_sentence_transformers(trained):
+    out, _ = trained
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    from mnr.evaluate import encode
+    from mnr.model import load_encoder, mean_pool
+
+    texts = ["a man is playing with a dog", "two children sitting", "a red car"]
+    encoder, tok = load_encoder(str(out))  # the trainer's own encoder
+    ours = encode(encoder, tok, texts, max_seq_length=32)
+    hf_model, hf_tok = AutoModel.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    hf_model.eval()
+    batch = hf_tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        hf = mean_pool(hf_model(**batch).last_hidden_state, batch["attention_mask"])
+    st = torch.from_numpy(SentenceTransformer(str(out), device="cpu").encode(texts))
+    assert (ours - hf).abs().max() < 1e-5
+    assert (ours - st).abs().max() < 1e-5
+
+
+def test_evaluate_cli_prints_spearman(trained):
+    out, sts = trained
+    proc = subprocess.run([sys.executable, "-m", "mnr.evaluate", str(out), "--data", str(sts)],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "STS Spearman x100" in proc.stdout and "20 pairs" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "mnr.evaluate", str(out), "--data", str(out / "config.json")],
+                         capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_same_seed_same_weights(tmp_path, tiny_model, nli_file):
+    from safetensors.torch import load_file
+
+    outs = []
+    for name in ("a", "b"):
+        assert main(_args(tiny_model, nli_file, tmp_path / name, "--max-steps", "3", "--eval-data", "none",
+                          "--cache-dir", str(tmp_path / "cache"))) == 0
+        outs.append(load_file(str(tmp_path / name / "model.safetensors")))
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_output_dir_with_other_files_is_refused(tmp_path, tiny_model, nli_file, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(_args(tiny_model, nli_file, out, "--max-steps", "1", "--eval-data", "none")) == 2
+    assert "--overwrite-output-dir" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
