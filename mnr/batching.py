@@ -117,4 +117,7 @@ def make_loader(sampler: GlobalBatchSampler, collator: Collator, epoch: int, sta
     """A DataLoader over this process's batches of one epoch (collation can run in worker processes)."""
     return torch.utils.data.DataLoader(
         _Indices(len(sampler.text_ids)), batch_sampler=[b.tolist() for b in sampler.local_batches(epoch, start_step)],
-        collate_fn=collator, num_workers=num_workers, pin_memory=pin_memory)
+        collate_fn=collator, num_workers=num_workers, pin_memory=pin_memory,
+        # its own generator: creating the iterator must not draw from the global RNG, which drives dropout and
+        # is saved/restored on resume (a resumed run creates its loader at a different point in that stream)
+        generator=torch.Generator().manual_seed(sampler.seed))

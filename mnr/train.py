@@ -89,6 +89,16 @@ class MetricsLog:
         self.accelerator = accelerator
         self.path = path
 
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records of steps the crashed run did after its checkpoint (they are redone)."""
+        if not self.accelerator.is_main_process or not self.path.is_file():
+            return
+        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        os.replace(tmp, self.path)
+
     def write(self, record: dict) -> None:
         if not self.accelerator.is_main_process:
             return
@@ -113,6 +123,10 @@ class Progress:
                                     TimeRemainingColumn(), transient=False)
             self.task = self.bar.add_task("train", total=total, completed=completed, info="")
             self.bar.start()
+
+    @property
+    def live(self) -> bool:
+        return self.bar is not None and self.bar.console.is_terminal
 
     def update(self, advance: int = 1, info: str | None = None) -> None:
         if self.bar is not None:
@@ -231,14 +245,17 @@ def run(cfg: TrainConfig) -> dict:
     # Not passed to prepare(): Accelerate would step it once per process; we count global steps ourselves.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_steps))
     model, optimizer = accelerator.prepare(encoder, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    # The scheduler's state goes into trainer_state.json, not register_for_checkpointing: Accelerate unpickles
+    # custom objects with weights_only=False, and resume state must load with weights_only=True.
     if accelerator.is_main_process and report_to != "none":
         accelerator.init_trackers("mnr", config={k: v for k, v in cfg.to_dict().items() if v is not None})
 
     pos = Position()
     if resume_from is not None:
-        pos = _resume(accelerator, cfg, resume_from, world)
+        pos = _resume(accelerator, cfg, resume_from, world, scheduler)
     metrics = MetricsLog(accelerator, out / "metrics.jsonl")
+    if resume_from is not None:
+        metrics.truncate_after(pos.global_step)
     if accelerator.is_main_process:
         (out / RUN_MARKER).write_text(json.dumps({"config": cfg.to_dict(), "world_size": world}, indent=2))
 
@@ -252,8 +269,9 @@ def run(cfg: TrainConfig) -> dict:
         score = None
         if eval_data is not None and accelerator.is_main_process:
             score = sts_spearman(accelerator.unwrap_model(model), tokenizer, eval_data, cfg.max_seq_length)
-        distributed.barrier()
-        return score
+        # Every process gets rank 0's score (also a sync point): _keep_best runs, and syncs, on all of them;
+        # a score on rank 0 only would leave rank 0 alone in its barrier while the others train on (a hang).
+        return distributed.all_gather_object(score)[0]
 
     def export(path: Path, score: float | None = None) -> None:
         save_model(accelerator.unwrap_model(model), tokenizer, path, cfg.max_seq_length, card={
@@ -317,16 +335,18 @@ def run(cfg: TrainConfig) -> dict:
                               "grad_norm": None if grad_norm is None else float(grad_norm), "global_batch": global_batch,
                               "negatives_per_anchor": negatives_per_anchor, "skipped_steps": pos.skipped_steps}
                     metrics.write(record)
-                    progress.update(1, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                                    f"{record['pairs_per_s']:.0f} pairs/s  batch {global_batch} "
-                                    f"({negatives_per_anchor} neg/anchor)")
+                    info = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['pairs_per_s']:.0f} pairs/s  "
+                            f"batch {global_batch} ({negatives_per_anchor} neg/anchor)")
+                    progress.update(1, info=info)
+                    if not progress.live:  # no terminal (a log file, CI): a plain line instead of a bar
+                        logger.info("step %d/%d  %s", pos.global_step, total_steps, info)
                     t_last, pairs_since = time.perf_counter(), 0
                 else:
                     progress.update(1)
                 if cfg.eval_steps and pos.global_step % cfg.eval_steps == 0 and pos.global_step < total_steps:
                     _eval_and_keep_best(evaluate, export, metrics, pos, out)
                 if stop_now or (cfg.save_steps and pos.global_step % cfg.save_steps == 0):
-                    path = _save(accelerator, cfg, out, pos, world, summary, export)
+                    path = _save(accelerator, cfg, out, pos, world, summary, export, scheduler)
                     if stop_now:
                         name = signal.Signals(stop.signum).name
                         accelerator.print(f"{name} received: stopped after step {pos.global_step}; state saved "
@@ -442,11 +462,13 @@ def _keep_best(score: float, export, pos: Position, out: Path) -> None:
     distributed.barrier()
 
 
-def _save(accelerator, cfg: TrainConfig, out: Path, pos: Position, world: int, summary: dict, export) -> Path:
+def _save(accelerator, cfg: TrainConfig, out: Path, pos: Position, world: int, summary: dict, export,
+          scheduler) -> Path:
     state = {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "global_step": pos.global_step,
              "best_score": pos.best_score, "skipped_steps": pos.skipped_steps, "world_size": world,
              "batch_size": cfg.batch_size, "seed": cfg.seed, "hard_negatives": cfg.hard_negatives,
-             "stsb_before": summary.get("stsb_before")}
+             "stsb_before": summary.get("stsb_before"),
+             "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}}
     path = save_checkpoint(accelerator, out, pos.global_step, state, export, cfg.save_total_limit)
     logger.info("saved checkpoint %s", path)
     return path
@@ -464,7 +486,7 @@ def _find_resume(cfg: TrainConfig, out: Path) -> Path | None:
     return Path(cfg.resume)
 
 
-def _resume(accelerator, cfg: TrainConfig, checkpoint: Path, world: int) -> Position:
+def _resume(accelerator, cfg: TrainConfig, checkpoint: Path, world: int, scheduler) -> Position:
     """Decision: a resumed run must have the same world size, batch size and seed, because the data order
     and every process's RNG stream are functions of them; a change stops with a clear message."""
     state = read_state(checkpoint)
@@ -474,6 +496,7 @@ def _resume(accelerator, cfg: TrainConfig, checkpoint: Path, world: int) -> Posi
             raise CheckpointError(f"cannot resume from {checkpoint}: it was saved with {key}={state.get(key)!r}, "
                                   f"this run has {key}={now!r}; resume with the same setting (or start a new run)")
     load_checkpoint(accelerator, checkpoint)
+    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
     logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state["global_step"],
                 state["epoch"], state["step_in_epoch"])
     return Position(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"], global_step=state["global_step"],
