@@ -83,6 +83,12 @@ class TrainConfig:
         for f in fields(self):  # types first, so the checks below compare like with like
             value = getattr(self, f.name)
             kind = {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type).split(" ")[0])
+            if kind in (int, float) and isinstance(value, str):  # YAML reads 2e-5 (no dot) as a string
+                try:
+                    value = kind(value)
+                    setattr(self, f.name, value)
+                except ValueError:
+                    pass
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, f.name, float(value))
             elif kind is not None and value is not None and not (

@@ -14,9 +14,10 @@ def test_defaults_are_the_tutorial_recipe():
 
 def test_yaml_then_flags_override(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("batch-size: 64\nlr: 1.0e-4\nhard_negatives: false\nscale: 30\n")
+    path.write_text("batch-size: 64\nlr: 1.0e-4\nhard_negatives: false\nscale: 30\nweight_decay: 1e-3\n")
     cfg = parse_config(["--config", str(path), "--lr", "3e-5"])
     assert cfg.batch_size == 64 and cfg.lr == 3e-5 and cfg.hard_negatives is False and cfg.scale == 30.0
+    assert cfg.weight_decay == 1e-3  # YAML 1.1 reads `1e-3` as a string; numbers still work
 
 
 @pytest.mark.parametrize("argv, field, value", [
