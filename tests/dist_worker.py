@@ -1,0 +1,139 @@
+"""Multi-process checks, run by tests/test_distributed.py as
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_worker.py TINY_MODEL_DIR OUT_JSON
+(gloo process group on the CPU). Every process computes its numbers; rank 0 writes all of them to OUT_JSON
+and the test asserts on them (an exception here fails the launch, which the test also reports).
+
+1. the loss of this process's anchors with gathered candidates equals the single-process loss of the same
+   anchors against the concatenated batch, and the gradient each process gets, divided by N as DDP does,
+   equals the single-process gradient (random embeddings: pairs, triplets, symmetric);
+2. GradCache under DDP (no_sync on all chunks but the last) gives the uncached gradient, and both equal the
+   gradient of the single-process loss over the whole N*B batch (tiny random BERT, dropout off).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import torch
+
+
+def max_diff(a, b) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def loss_checks(rank: int, world: int, local_batch: int = 4, dim: int = 16) -> dict:
+    import torch.nn.functional as F
+
+    from mnr import distributed
+    from mnr.loss import mnr_loss, ranking_loss
+
+    results = {}
+    for name, n_roles, symmetric in (("pairs", 2, False), ("triplets", 3, False), ("symmetric", 2, True),
+                                     ("symmetric_triplets", 3, True)):
+        gen = torch.Generator().manual_seed(1234)  # same global batch on every process
+        full = [torch.randn(world * local_batch, dim, generator=gen).requires_grad_() for _ in range(n_roles)]
+        rows = slice(rank * local_batch, (rank + 1) * local_batch)
+        local = [t.detach()[rows].clone().requires_grad_() for t in full]
+
+        gathered = mnr_loss(*local, symmetric=symmetric, gather=distributed.all_gather_with_grad, rank=rank)
+        gathered.backward()
+
+        # single process: the same anchors ranked against the concatenated batch (no process group involved)
+        anchors = F.normalize(full[0], dim=-1)
+        candidates = torch.cat([F.normalize(t, dim=-1) for t in full[1:]])  # [all positives; all negatives]
+        single_mine = ranking_loss(anchors[rows], candidates, 20.0, rank * local_batch)
+        if symmetric:
+            positives = F.normalize(full[1], dim=-1)
+            single_mine = (single_mine + ranking_loss(positives[rows], anchors, 20.0, rank * local_batch)) / 2
+        single_all = mnr_loss(*full, symmetric=symmetric)  # the loss over the whole N*B batch
+        single_all.backward()
+        results[name] = {
+            "gathered_loss": float(gathered.detach()), "single_loss_mine": float(single_mine.detach()),
+            "single_loss_all": float(single_all.detach()),
+            # DDP divides the summed gradient by N: that must be the single-process gradient of our rows
+            "grad_diff": max_diff([t.grad / world for t in local], [t.grad[rows] for t in full]),
+            "grad_max": max(float(t.grad.abs().max()) for t in full),
+        }
+    return results
+
+
+def texts(n: int, role: str) -> list[str]:
+    words = "man woman dog cat child boy girl person".split()
+    places = "street water house tree grass car bike food".split()
+    return [{"anchor": f"a {words[i % 8]} {i} is playing near the {places[(i // 8) % 8]}",
+             "positive": f"the {words[i % 8]} {i} plays outside",
+             "negative": f"two {words[(i + 3) % 8]} are sleeping in the {places[i % 8]} {i}"}[role] for i in range(n)]
+
+
+def gradcache_checks(accelerator, model_path: str, local_batch: int = 4, mini_batch: int = 3) -> dict:
+    from mnr import distributed
+    from mnr.gradcache import cached_loss_and_backward
+    from mnr.loss import mnr_loss, split_roles
+    from mnr.model import load_encoder
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    encoder, tokenizer = load_encoder(model_path)
+    reference = copy.deepcopy(encoder)
+    model = accelerator.prepare(encoder)  # DDP
+    model.train()
+    roles = ("anchor", "positive", "negative")
+    n = world * local_batch
+
+    def tokens(rows: slice):
+        batch = tokenizer([t for role in roles for t in texts(n, role)[rows]], padding=True, truncation=True,
+                          max_length=32, return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"]
+
+    results = {}
+    for symmetric in (False, True):
+        def loss_fn(embeddings, gather=distributed.all_gather_with_grad, rank=rank):
+            return mnr_loss(*split_roles(embeddings, len(roles)), symmetric=symmetric, gather=gather, rank=rank)
+
+        ids, mask = tokens(slice(rank * local_batch, (rank + 1) * local_batch))
+        loss = loss_fn(model(ids, mask))
+        accelerator.backward(loss)
+        uncached = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        cached_loss = cached_loss_and_backward(model, ids, mask, mini_batch, loss_fn, accelerator.backward,
+                                               accelerator.no_sync)
+        cached = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+
+        # single process: the whole N*B batch through an identical, unwrapped copy, no gather
+        full_ids, full_mask = tokens(slice(0, n))
+        reference.zero_grad(set_to_none=True)
+        single = loss_fn(reference(full_ids, full_mask), gather=lambda t: t, rank=0)
+        single.backward()
+        single_grads = [p.grad.clone() for p in reference.parameters()]
+        results["symmetric" if symmetric else "triplets"] = {
+            "loss": float(loss), "cached_loss": float(cached_loss), "single_loss_all": float(single),
+            "cached_vs_uncached": max_diff(cached, uncached), "uncached_vs_single": max_diff(uncached, single_grads),
+            "cached_vs_single": max_diff(cached, single_grads),
+            "grad_max": max(float(g.abs().max()) for g in single_grads),
+        }
+    return results
+
+
+def main() -> None:
+    from accelerate import Accelerator
+
+    from mnr import distributed
+
+    model_path, out_path = sys.argv[1], sys.argv[2]
+    accelerator = Accelerator(cpu=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    assert world == distributed.world_size() == 2, f"expected 2 processes, got {world}"
+    torch.manual_seed(0)
+    mine = {"rank": rank, "world": world, "distributed_type": str(accelerator.distributed_type),
+            "loss": loss_checks(rank, world), "gradcache": gradcache_checks(accelerator, model_path)}
+    everyone = distributed.all_gather_object(mine)
+    if accelerator.is_main_process:
+        with open(out_path, "w", encoding="utf-8") as fh:
+            json.dump(everyone, fh, indent=2)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Cross-process negatives, proved for real: `accelerate launch` starts 2 gloo processes on this CPU.
+
+Four launches in all (each costs seconds of start-up), shared by the tests through module fixtures:
+  - tests/dist_worker.py under --multi_gpu: loss and gradient of the gather (random embeddings), and
+    GradCache under DDP (tiny random BERT);
+  - train_mnr.py under --multi_gpu, batch 4 per process, gathered (the default);
+  - the same with --no-gather-negatives;
+  - train_mnr.py under --config_file accelerate_configs/cpu_2proc.yaml with GradCache and --eval-steps;
+and one in-process single-process run with batch 8 over the same examples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, build_tiny_model, nli_rows, write_tsv
+
+pytestmark = pytest.mark.slow
+
+LOCAL_BATCH = 4
+TRAIN_ARGS = ["--lr", "1e-3", "--max-steps", "3", "--warmup-ratio", "0", "--weight-decay", "0",
+              "--max-seq-length", "32", "--report-to", "none", "--no-progress", "--eval-data", "none",
+              "--log-steps", "1"]  # max_grad_norm stays 1.0: the gradient norm is ~2-9 here, so clipping is active
+
+
+def free_port() -> int:
+    with socket.socket() as s:  # other test runs may launch at the same time: never the default 29500
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher_args: list[str], script_and_args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", MNR_CACHE=str(tmp / "token-cache"))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--main_process_port",
+           str(free_port()), *script_and_args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+MULTI_GPU = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+             "--dynamo_backend", "no"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("dist-tiny") / "model", dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory, tiny) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("dist-worker")
+    launch(MULTI_GPU, ["tests/dist_worker.py", str(tiny), str(tmp / "out.json")], tmp)
+    return json.loads((tmp / "out.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny) -> dict[str, Path]:
+    """Output dirs of the same 3 steps over the same examples: 1 process x 8, and 2 processes x 4."""
+    from mnr.train import main
+
+    tmp = tmp_path_factory.mktemp("dist-runs")
+    data = write_tsv(tmp / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows())
+    sts = write_tsv(tmp / "sts.tsv", ["sentence1", "sentence2", "score"],
+                    [[f"a dog {i} runs", f"the dog {i} is running", str(float(i % 6))] for i in range(20)])
+    common = ["--model", str(tiny), "--train-data", str(data), "--cache-dir", str(tmp / "token-cache"), *TRAIN_ARGS]
+    out = {name: tmp / name for name in ("single", "gathered", "not_gathered", "config_gradcache")}
+    assert main([*common, "--batch-size", str(2 * LOCAL_BATCH), "--output-dir", str(out["single"])]) == 0
+    per_process = [*common, "--batch-size", str(LOCAL_BATCH)]
+    launch(MULTI_GPU, ["train_mnr.py", *per_process, "--output-dir", str(out["gathered"])], tmp)
+    launch(MULTI_GPU, ["train_mnr.py", *per_process, "--no-gather-negatives", "--output-dir",
+                       str(out["not_gathered"])], tmp)
+    # the CPU launch config, with GradCache (chunks of 3 rows) and evaluation every 2 steps on top
+    launch(["--config_file", "accelerate_configs/cpu_2proc.yaml"],
+           ["train_mnr.py", *per_process, "--mini-batch-size", "3", "--eval-steps", "2", "--eval-data", str(sts),
+            "--output-dir", str(out["config_gradcache"])], tmp)
+    return out
+
+
+def weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "model.safetensors")
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- proof 1: the loss and gradient of each process equal the single-process ones -------------------------
+
+
+@pytest.mark.parametrize("case", ["pairs", "triplets", "symmetric", "symmetric_triplets"])
+def test_gathered_loss_equals_single_process_loss(worker, case):
+    assert [r["world"] for r in worker] == [2, 2] and "MULTI_CPU" in worker[0]["distributed_type"]
+    for r in worker:
+        res = r["loss"][case]
+        assert abs(res["gathered_loss"] - res["single_loss_mine"]) < 1e-6, (r["rank"], res)
+    # the mean of the processes' losses is the single-process loss over the whole 2B batch
+    mean = sum(r["loss"][case]["gathered_loss"] for r in worker) / len(worker)
+    assert abs(mean - worker[0]["loss"][case]["single_loss_all"]) < 1e-6
+
+
+@pytest.mark.parametrize("case", ["pairs", "triplets", "symmetric", "symmetric_triplets"])
+def test_gathered_gradient_over_n_equals_single_process_gradient(worker, case):
+    """The all-gather's backward sums over processes; DDP's /N then gives the single-process gradient."""
+    for r in worker:
+        res = r["loss"][case]
+        assert res["grad_max"] > 1e-2  # a gradient that is there, so the comparison means something
+        assert res["grad_diff"] < 1e-6, (r["rank"], res)
+
+
+# ---- GradCache with 2 processes --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["triplets", "symmetric"])
+def test_gradcache_two_processes_matches_uncached_and_single_process(worker, case):
+    for r in worker:
+        res = r["gradcache"][case]
+        assert res["cached_loss"] == pytest.approx(res["loss"], abs=1e-6)
+        assert res["cached_vs_uncached"] < 1e-5, res
+        assert res["uncached_vs_single"] < 1e-5, res  # DDP model gradient == whole-batch single process
+        assert res["cached_vs_single"] < 1e-5, res
+
+
+# ---- proofs 2 and 3: weights after 3 AdamW steps ---------------------------------------------------------
+
+
+def test_two_processes_batch_b_train_like_one_process_batch_2b(runs):
+    diff = max_abs_diff(weights(runs["gathered"]), weights(runs["single"]))
+    print(f"max |w(2 proc x {LOCAL_BATCH}, gathered) - w(1 proc x {2 * LOCAL_BATCH})| = {diff:.3g}")
+    assert diff < 5e-5
+
+
+def test_without_gather_the_weights_clearly_differ(runs, tiny):
+    moved = max_abs_diff(weights(runs["single"]), weights(tiny))
+    diff = max_abs_diff(weights(runs["not_gathered"]), weights(runs["single"]))
+    print(f"max |w(no gather) - w(single)| = {diff:.3g}; training moved the weights by up to {moved:.3g}")
+    assert moved > 1e-3
+    assert diff > 1e-3
+
+
+def test_gradcache_run_via_cpu_launch_config_trains_like_one_process(runs):
+    diff = max_abs_diff(weights(runs["config_gradcache"]), weights(runs["single"]))
+    print(f"max |w(cpu_2proc.yaml, GradCache M=3) - w(single)| = {diff:.3g}")
+    assert diff < 5e-5
+    records = metrics(runs["config_gradcache"])
+    assert [r["step"] for r in records if "stsb_spearman" in r] == [0, 2, 3]  # eval mid-run did not hang
+    assert (runs["config_gradcache"] / "best" / "model.safetensors").is_file()
+
+
+def test_logs_show_global_batch_and_shared_negatives(runs):
+    """Triplets: each anchor sees the other positives and every negative of the global batch."""
+    expect = {"single": (8, 2 * 8 - 1), "gathered": (8, 2 * 8 - 1), "not_gathered": (8, 2 * LOCAL_BATCH - 1),
+              "config_gradcache": (8, 2 * 8 - 1)}
+    for name, (global_batch, negatives) in expect.items():
+        steps = [r for r in metrics(runs[name]) if "loss" in r]
+        assert [r["step"] for r in steps] == [1, 2, 3], name
+        assert {(r["global_batch"], r["negatives_per_anchor"]) for r in steps} == {(global_batch, negatives)}, name
+    # every process wrote into one output dir without clobbering: one record per step, from rank 0
+    assert json.loads((runs["gathered"] / "mnr_run.json").read_text())["world_size"] == 2
+
+
+# ---- launch configs and FSDP / DeepSpeed guards (no launch) ----------------------------------------------
+
+
+def test_launch_configs_parse_with_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expect = {"single_gpu": ("NO", 1), "multi_gpu": ("MULTI_GPU", 8), "multi_node": ("MULTI_GPU", 16),
+              "fsdp": ("FSDP", 8), "deepspeed_zero2": ("DEEPSPEED", 8), "cpu_2proc": ("MULTI_GPU", 2)}
+    for name, (kind, processes) in expect.items():
+        config = load_config_from_file(str(REPO / "accelerate_configs" / f"{name}.yaml"))
+        assert (str(config.distributed_type).split(".")[-1], config.num_processes) == (kind, processes), name
+    assert load_config_from_file(str(REPO / "accelerate_configs" / "cpu_2proc.yaml")).use_cpu
+    assert load_config_from_file(str(REPO / "accelerate_configs" / "multi_node.yaml")).num_machines == 2
+
+
+def _fake_accelerator(kind: str, zero_stage: int = 2):
+    from types import SimpleNamespace
+
+    ds = {"zero_optimization": {"stage": zero_stage}, "train_micro_batch_size_per_gpu": "auto",
+          "gradient_clipping": "auto"}
+    return SimpleNamespace(distributed_type=f"DistributedType.{kind}",
+                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
+
+
+@pytest.mark.parametrize("kind,zero_stage,flags,message", [
+    ("FSDP", 2, [], "FSDP shards the parameters"),
+    ("FSDP", 2, ["--mini-batch-size", "2"], "GradCache"),
+    ("DEEPSPEED", 2, ["--mini-batch-size", "2"], "GradCache"),
+    ("DEEPSPEED", 3, [], "ZeRO-3"),
+    ("DEEPSPEED", 2, ["--skip-nonfinite"], "skip-nonfinite"),
+])
+def test_fsdp_and_deepspeed_fail_clearly_where_they_would_train_wrong(kind, zero_stage, flags, message):
+    from mnr.config import parse_config
+    from mnr.train import TrainingError, _check_backend
+
+    with pytest.raises(TrainingError, match=message):
+        _check_backend(_fake_accelerator(kind, zero_stage), parse_config(["--batch-size", "8", *flags]))
+
+
+def test_deepspeed_takes_batch_size_and_clipping_from_the_flags():
+    from mnr.config import parse_config
+    from mnr.train import _check_backend
+
+    accelerator = _fake_accelerator("DEEPSPEED")
+    _check_backend(accelerator, parse_config(["--batch-size", "8", "--max-grad-norm", "0.5"]))
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_clipping"], ds["gradient_accumulation_steps"]) == \
+        (8, 0.5, 1)
+    _check_backend(_fake_accelerator("MULTI_GPU"), parse_config(["--mini-batch-size", "2"]))  # DDP: all allowed
