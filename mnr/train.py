@@ -330,7 +330,9 @@ def run(cfg: TrainConfig) -> dict:
 
                 if pos.global_step % cfg.log_steps == 0 or pos.global_step == total_steps:
                     now = time.perf_counter()
-                    record = {"step": pos.global_step, "epoch": pos.epoch, "loss": float(loss.item()),
+                    # mean over processes = the loss of the whole global batch (with gathered negatives)
+                    global_loss = float(accelerator.reduce(loss.detach(), "mean").item())
+                    record = {"step": pos.global_step, "epoch": pos.epoch, "loss": global_loss,
                               "lr": lr, "pairs_per_s": pairs_since / (now - t_last),
                               "grad_norm": None if grad_norm is None else float(grad_norm), "global_batch": global_batch,
                               "negatives_per_anchor": negatives_per_anchor, "skipped_steps": pos.skipped_steps}
