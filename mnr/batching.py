@@ -18,9 +18,15 @@ class GlobalBatchSampler:
     batch, so skipped examples land in later batches instead of being lost.  Examples left over at the end
     of an epoch (fewer than one global batch, or only mutually clashing ones) wait for the next epoch's
     reshuffle: every process always gets equally many, equally sized batches (no hang at epoch end).
+
+    Length grouping (length_grouping = k > 1, needs `lengths`): the shuffled order is cut into windows of
+    k global batches, each window sorted by example length, and the finished batches are shuffled.  Which
+    examples share a window stays random and the no-duplicate rule is unchanged; batches hold texts of
+    similar length, so they pad less.  k = 0 or 1 keeps the plain shuffled order.
     """
 
-    def __init__(self, text_ids: np.ndarray, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0):
+    def __init__(self, text_ids: np.ndarray, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 lengths: np.ndarray | None = None, length_grouping: int = 0):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad sampler shape: batch_size={batch_size}, world_size={world_size}, rank={rank}")
         self.text_ids = np.asarray(text_ids)
@@ -29,6 +35,10 @@ class GlobalBatchSampler:
         self.rank = rank
         self.seed = seed
         self.global_batch_size = batch_size * world_size
+        self.length_grouping = length_grouping
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        if length_grouping > 1 and (self.lengths is None or len(self.lengths) != len(self.text_ids)):
+            raise ValueError(f"length_grouping={length_grouping} needs one length per example")
         if len(self.text_ids) < self.global_batch_size:
             raise ValueError(f"the training data has {len(self.text_ids)} usable examples, fewer than one global "
                              f"batch of {self.global_batch_size} (batch size {batch_size} x {world_size} "
@@ -39,9 +49,15 @@ class GlobalBatchSampler:
         """All global batches of an epoch, each an array of example indices (deterministic in seed, epoch)."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.text_ids))
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.text_ids))
         rows = self.text_ids.tolist()
         size = self.global_batch_size
+        grouped = self.length_grouping > 1
+        if grouped:
+            window = self.length_grouping * size
+            order = np.concatenate([w[np.argsort(self.lengths[w], kind="stable")]
+                                    for w in np.split(order, range(window, len(order), window))])
         batches: list[np.ndarray] = []
         deferred: list[int] = []  # examples that clashed with an earlier batch, in order: they go first
         next_fresh = 0
@@ -67,6 +83,8 @@ class GlobalBatchSampler:
             if len(batch) < size:
                 break  # what is left cannot fill a batch without a duplicate
             batches.append(np.asarray(batch, dtype=np.int64))
+        if grouped:  # else every window would run short to long
+            batches = [batches[i] for i in rng.permutation(len(batches))]
         self._cache = (epoch, batches)
         return batches
 
@@ -77,6 +95,12 @@ class GlobalBatchSampler:
         """This process's slice of each global batch of the epoch, from `start_step` on."""
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
         return [batch[lo:hi] for batch in self.global_batches(epoch)[start_step:]]
+
+
+def example_lengths(token_ids: list[list[int]], text_ids: np.ndarray) -> np.ndarray:
+    """(n_examples,) token length of each example's longest text: what its batch is padded to."""
+    text_lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
+    return text_lengths[np.asarray(text_ids)].max(axis=1)
 
 
 class Collator:

@@ -60,6 +60,10 @@ class TrainConfig:
     gather_negatives: bool | None = _f(None, "score against the candidates of every process (default: on when "
                                        "more than one process runs)")
     mini_batch_size: int = _f(0, "GradCache: embed the batch in chunks of this size (0: no caching)")
+    length_buckets: int = _f(4, "run each forward in this many length-sorted chunks, each padded to its own "
+                             "longest text: same loss, fewer padded tokens (1: one padded forward; see BENCHMARKS.md)")
+    length_grouping: int = _f(0, "sort windows of this many global batches by length before batching, then "
+                              "shuffle the batches: less padding, less random negatives (0: off; see BENCHMARKS.md)")
     seed: int = _f(42, "seed of the weights' init noise, dropout and the data order")
     # bookkeeping
     eval_steps: int = _f(0, "evaluate STSb every this many steps and keep the best model in best/ (0: only "
@@ -106,6 +110,8 @@ class TrainConfig:
         need(self.scale > 0, "scale", "must be > 0 (it is 1/temperature)")
         need(self.max_seq_length >= 4, "max_seq_length", "must be >= 4 tokens")
         need(self.mini_batch_size >= 0, "mini_batch_size", "must be >= 0 (0 disables GradCache)")
+        need(self.length_buckets >= 1, "length_buckets", "must be >= 1 (1: one forward per batch)")
+        need(self.length_grouping >= 0, "length_grouping", "must be >= 0 (0 or 1: no grouping)")
         need(self.eval_steps >= 0, "eval_steps", "must be >= 0")
         need(self.save_steps >= 0, "save_steps", "must be >= 0")
         need(self.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0 keeps all)")

@@ -34,15 +34,30 @@ def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> t
 class Encoder(nn.Module):
     """Texts' token ids -> one embedding each: transformer, then masked mean pooling."""
 
-    def __init__(self, transformer: nn.Module):
+    def __init__(self, transformer: nn.Module, length_buckets: int = 1):
         super().__init__()
         self.transformer = transformer
+        self.length_buckets = length_buckets
 
     @property
     def config(self):
         return self.transformer.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(n, T) ids and mask -> (n, d).  With length_buckets = k > 1 the rows are sorted by length and run
+        through the transformer in k chunks, each cut to its own longest row: the same embeddings (the
+        padding a chunk drops is masked anyway) for fewer padded tokens."""
+        if self.length_buckets <= 1 or input_ids.shape[0] < 2 * self.length_buckets:
+            return self._embed(input_ids, attention_mask)
+        lengths = attention_mask.sum(dim=1)
+        order = torch.argsort(lengths)
+        chunks = order.chunk(self.length_buckets)
+        # One host sync per forward: the chunk widths must be Python ints to slice.
+        widths = torch.stack([lengths[idx].max() for idx in chunks]).tolist()
+        parts = [self._embed(input_ids[idx, :w], attention_mask[idx, :w]) for idx, w in zip(chunks, widths)]
+        return torch.cat(parts)[torch.argsort(order)]  # back to input order
+
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return mean_pool(hidden, attention_mask)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mnr import distributed
-from mnr.batching import Collator, GlobalBatchSampler, make_loader
+from mnr.batching import Collator, GlobalBatchSampler, example_lengths, make_loader
 from mnr.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from mnr.config import EMBEDDED_EVAL, EMBEDDED_TRAIN, TrainConfig
 from mnr.data import DataError, load_examples, tokenize_examples
@@ -216,6 +216,7 @@ def run(cfg: TrainConfig) -> dict:
     # ---- model and data ------------------------------------------------------------------
     model_path = resolve_model_path(cfg.model)
     encoder, tokenizer = load_encoder(model_path, cfg.trust_remote_code)
+    encoder.length_buckets = cfg.length_buckets
     limit = max_positions(encoder)
     if limit is not None and cfg.max_seq_length > limit:
         raise TrainingError(f"max_seq_length={cfg.max_seq_length} exceeds the model's position limit ({limit} tokens)")
@@ -227,7 +228,8 @@ def run(cfg: TrainConfig) -> dict:
     eval_data = None
     if cfg.eval_data.lower() != "none":
         eval_data = load_sts(cfg.eval_data or str(EMBEDDED_EVAL))
-    sampler = GlobalBatchSampler(data.text_ids, cfg.batch_size, world, rank, cfg.seed)
+    sampler = GlobalBatchSampler(data.text_ids, cfg.batch_size, world, rank, cfg.seed,
+                                 example_lengths(data.token_ids, data.text_ids), cfg.length_grouping)
     collator = Collator(data.token_ids, data.text_ids, tokenizer.pad_token_id)
     steps_per_epoch = sampler.steps_in_epoch(0)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else sum(sampler.steps_in_epoch(e) for e in range(cfg.epochs))
@@ -469,7 +471,7 @@ def _save(accelerator, cfg: TrainConfig, out: Path, pos: Position, world: int, s
     state = {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "global_step": pos.global_step,
              "best_score": pos.best_score, "skipped_steps": pos.skipped_steps, "world_size": world,
              "batch_size": cfg.batch_size, "seed": cfg.seed, "hard_negatives": cfg.hard_negatives,
-             "stsb_before": summary.get("stsb_before"),
+             "length_grouping": cfg.length_grouping, "stsb_before": summary.get("stsb_before"),
              "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}}
     path = save_checkpoint(accelerator, out, pos.global_step, state, export, cfg.save_total_limit)
     logger.info("saved checkpoint %s", path)
@@ -493,8 +495,8 @@ def _resume(accelerator, cfg: TrainConfig, checkpoint: Path, world: int, schedul
     and every process's RNG stream are functions of them; a change stops with a clear message."""
     state = read_state(checkpoint)
     for key, now in (("world_size", world), ("batch_size", cfg.batch_size), ("seed", cfg.seed),
-                     ("hard_negatives", cfg.hard_negatives)):
-        if state.get(key) != now:
+                     ("hard_negatives", cfg.hard_negatives), ("length_grouping", cfg.length_grouping)):
+        if state.get(key, 0 if key == "length_grouping" else None) != now:  # 0: saved before the flag existed
             raise CheckpointError(f"cannot resume from {checkpoint}: it was saved with {key}={state.get(key)!r}, "
                                   f"this run has {key}={now!r}; resume with the same setting (or start a new run)")
     load_checkpoint(accelerator, checkpoint)

@@ -1,0 +1,92 @@
+"""Throughput: mnr's trainer vs sentence-transformers' SentenceTransformerTrainer + MultipleNegativesRankingLoss
+(NO_DUPLICATES batches) on the same model, pairs, batch size, sequence limit, precision and number of steps.
+
+Each trainer runs as its own subprocess (so its peak RSS, from wait4, is its own), alternated A/B/A/B for
+--rounds rounds.  Steady-state pairs/s counts only the steps after the first --skip (start-up, first
+allocations).  Ours is timed by its own metrics.jsonl (--log-steps 1: pairs_per_s of every step), the
+reference by a callback at the end of every optimizer step; both include data loading.
+
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python benchmarks/bench_throughput.py
+    python benchmarks/bench_throughput.py --precision bf16 --ours-extra "--length-buckets 1"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
+    p.add_argument("--skip", type=int, default=10, help="first steps left out of the steady-state rate")
+    p.add_argument("--rounds", type=int, default=3, help="A/B pairs of runs")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: ACCELERATE_MIXED_PRECISION=bf16 for ours, --bf16 (Trainer autocast) for theirs")
+    p.add_argument("--ours-extra", default="", help="extra train_mnr.py flags (a speed lever)")
+    p.add_argument("--st-extra", default="", help="extra benchmarks/st_train.py flags")
+    p.add_argument("--trainers", default="ours,st", help="order within a round")
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for both trainers (0: torch's default); "
+                   "1 is steadier when other processes share the cores")
+    p.add_argument("--workdir", default="")
+    p.add_argument("--json", default="", help="also write all runs here")
+    args = p.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="mnr-throughput-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = common.minilm_path()
+    data = work / "pairs.tsv"
+    n = common.write_examples(data, hard_negatives=False)
+    print(f"machine: {common.machine()}\n{n} SNLI entailment pairs, batch {args.batch_size}, {args.steps} steps "
+          f"(first {args.skip} not counted), max 128 tokens, {args.precision}, threads {args.threads or 'default'}, workdir {work}", flush=True)
+    ours_env = {"ACCELERATE_MIXED_PRECISION": "bf16"} if args.precision == "bf16" else {}
+    thread_env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    ours_env.update(thread_env)
+    st_extra = (["--bf16"] if args.precision == "bf16" else []) + shlex.split(args.st_extra)
+    runs = []
+    for rnd in range(args.rounds):
+        row = {"round": rnd}
+        for trainer in args.trainers.split(","):
+            out, log = work / f"{trainer}-{rnd}", work / f"{trainer}-{rnd}.log"
+            if trainer == "ours":
+                cmd = common.ours_cmd(model, data, out, args.batch_size, args.steps,
+                                      ["--no-hard-negatives", "--eval-data", "none", "--max-seq-length", "128"]
+                                      + shlex.split(args.ours_extra))
+                rc, wall, rss = common.run_child(cmd, log, ours_env)
+                seconds = [s for _, s in common.ours_step_times(out / "metrics.jsonl")] if rc == 0 else []
+            else:
+                timings = work / f"st-{rnd}.json"
+                cmd = common.st_cmd(model, data, out, args.batch_size, timings, args.steps, st_extra)
+                rc, wall, rss = common.run_child(cmd, log, thread_env)
+                seconds = json.loads(timings.read_text())["step_seconds"] if rc == 0 else []
+            if rc != 0:
+                raise SystemExit(f"{trainer} run {rnd} failed (exit {rc}); see {log}")
+            pps = common.steady_pairs_per_s(seconds, args.batch_size, args.skip)
+            row[trainer] = {"pairs_per_s": pps, "peak_rss_mib": rss, "wall_s": wall, "steps": len(seconds)}
+            print(f"round {rnd} {trainer}: {pps:.1f} pairs/s, peak RSS {rss:.0f} MiB, wall {wall:.0f} s", flush=True)
+        runs.append(row)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
+    print(f"\nours: train_mnr.py {args.ours_extra or '(defaults)'}; theirs: SentenceTransformerTrainer "
+          f"{' '.join(st_extra) or '(fp32)'}")
+    print("| round | ours pairs/s | ST pairs/s | ours / ST | ours peak RSS MiB | ST peak RSS MiB |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in runs:
+        o, s = r["ours"], r["st"]
+        print(f"| {r['round']} | {o['pairs_per_s']:.1f} | {s['pairs_per_s']:.1f} | {o['pairs_per_s'] / s['pairs_per_s']:.2f}x "
+              f"| {o['peak_rss_mib']:.0f} | {s['peak_rss_mib']:.0f} |")
+    ratios = [r["ours"]["pairs_per_s"] / r["st"]["pairs_per_s"] for r in runs]
+    print(f"| median | {statistics.median(r['ours']['pairs_per_s'] for r in runs):.1f} | "
+          f"{statistics.median(r['st']['pairs_per_s'] for r in runs):.1f} | {statistics.median(ratios):.2f}x | | |")
+
+
+if __name__ == "__main__":
+    main()
