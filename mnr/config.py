@@ -62,8 +62,8 @@ class TrainConfig:
     mini_batch_size: int = _f(0, "GradCache: embed the batch in chunks of this size (0: no caching)")
     length_buckets: int = _f(4, "run each forward in this many length-sorted chunks, each padded to its own "
                              "longest text: same loss, fewer padded tokens (1: one padded forward; see BENCHMARKS.md)")
-    length_grouping: int = _f(0, "sort windows of this many global batches by length before batching, then "
-                              "shuffle the batches: less padding, less random negatives (0: off; see BENCHMARKS.md)")
+    length_grouping: int = _f(8, "sort windows of this many global batches by length before batching, then "
+                              "shuffle the batches: less padding, same STSb (measured in BENCHMARKS.md); 0: off")
     seed: int = _f(42, "seed of the weights' init noise, dropout and the data order")
     # bookkeeping
     eval_steps: int = _f(0, "evaluate STSb every this many steps and keep the best model in best/ (0: only "

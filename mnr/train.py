@@ -496,7 +496,7 @@ def _resume(accelerator, cfg: TrainConfig, checkpoint: Path, world: int, schedul
     state = read_state(checkpoint)
     for key, now in (("world_size", world), ("batch_size", cfg.batch_size), ("seed", cfg.seed),
                      ("hard_negatives", cfg.hard_negatives), ("length_grouping", cfg.length_grouping)):
-        if state.get(key, 0 if key == "length_grouping" else None) != now:  # 0: saved before the flag existed
+        if state.get(key) != now:
             raise CheckpointError(f"cannot resume from {checkpoint}: it was saved with {key}={state.get(key)!r}, "
                                   f"this run has {key}={now!r}; resume with the same setting (or start a new run)")
     load_checkpoint(accelerator, checkpoint)
