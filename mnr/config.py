@@ -110,6 +110,8 @@ class TrainConfig:
         need(self.scale > 0, "scale", "must be > 0 (it is 1/temperature)")
         need(self.max_seq_length >= 4, "max_seq_length", "must be >= 4 tokens")
         need(self.mini_batch_size >= 0, "mini_batch_size", "must be >= 0 (0 disables GradCache)")
+        need(self.mini_batch_size <= self.batch_size, "mini_batch_size",
+             f"must not exceed batch_size={self.batch_size} (chunks of a batch)")
         need(self.length_buckets >= 1, "length_buckets", "must be >= 1 (1: one forward per batch)")
         need(self.length_grouping >= 0, "length_grouping", "must be >= 0 (0 or 1: no grouping)")
         need(self.eval_steps >= 0, "eval_steps", "must be >= 0")

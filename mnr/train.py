@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from mnr.loss import mnr_loss, split_roles
 from mnr.model import ModelError, load_encoder, max_positions, resolve_model_path, save_model
 
 logger = logging.getLogger("mnr")
-RUN_MARKER = "mnr_run.json"  # marks an output dir as ours (so a re-run or resume may write into it)
+RUN_MARKER = "mnr_run.json"  # the config and world size of the run that wrote this output dir
 
 
 class TrainingError(RuntimeError):
@@ -172,7 +172,7 @@ class Position:
     global_step: int = 0
     best_score: float | None = None
     skipped_steps: int = 0
-    extra: dict = field(default_factory=dict)
+    stsb_before: float | None = None  # kept across a resume for the model card and summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,17 +188,9 @@ def setup_logging(is_main: bool) -> None:
 
 def run(cfg: TrainConfig) -> dict:
     """Train as configured; returns a summary (scores, steps, paths). Raises a USER_ERRORS type on bad input."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import set_seed
 
-    report_to = cfg.report_to
-    if report_to == "auto":
-        from accelerate.utils import is_tensorboard_available
-
-        report_to = "tensorboard" if is_tensorboard_available() else "none"
-    accelerator = Accelerator(log_with=None if report_to == "none" else report_to, project_dir=cfg.output_dir,
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-                              cpu=_launched_without_device())
+    accelerator, report_to = _make_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
     world, rank = accelerator.num_processes, accelerator.process_index
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -206,8 +198,6 @@ def run(cfg: TrainConfig) -> dict:
         raise TrainingError(f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate set up "
                             f"{world} ({accelerator.distributed_type}); check the accelerate config")
     gather = cfg.gather_negatives if cfg.gather_negatives is not None else world > 1
-    if cfg.mini_batch_size > cfg.batch_size:
-        raise TrainingError(f"mini_batch_size={cfg.mini_batch_size} is larger than batch_size={cfg.batch_size}")
     _check_backend(accelerator, cfg)
     out = prepare_output_dir(cfg, accelerator.is_main_process)
     resume_from = _find_resume(cfg, out)
@@ -290,7 +280,7 @@ def run(cfg: TrainConfig) -> dict:
             accelerator.print(f"STSb validation Spearman before training: {summary['stsb_before']:.2f}")
             metrics.write({"step": 0, "stsb_spearman": summary["stsb_before"]})
     else:
-        summary["stsb_before"] = pos.extra.get("stsb_before")
+        summary["stsb_before"] = pos.stsb_before
 
     # ---- the loop ------------------------------------------------------------------------
     stop = StopRequest()
@@ -385,6 +375,22 @@ def run(cfg: TrainConfig) -> dict:
     accelerator.print(f"model saved to {out} ({pos.global_step} steps)")
     accelerator.end_training()
     return summary
+
+
+def _make_accelerator(cfg: TrainConfig):
+    """One Accelerator for the run (devices, DDP, precision come from the launch) and the tracker in use."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    report_to = cfg.report_to
+    if report_to == "auto":
+        from accelerate.utils import is_tensorboard_available
+
+        report_to = "tensorboard" if is_tensorboard_available() else "none"
+    accelerator = Accelerator(log_with=None if report_to == "none" else report_to, project_dir=cfg.output_dir,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+                              cpu=_launched_without_device())
+    return accelerator, report_to
 
 
 def _launched_without_device() -> bool:
@@ -505,7 +511,7 @@ def _resume(accelerator, cfg: TrainConfig, checkpoint: Path, world: int, schedul
                 state["epoch"], state["step_in_epoch"])
     return Position(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"], global_step=state["global_step"],
                     best_score=state.get("best_score"), skipped_steps=state.get("skipped_steps", 0),
-                    extra={"stsb_before": state.get("stsb_before")})
+                    stsb_before=state.get("stsb_before"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ def test_yaml_then_flags_override(tmp_path):
     (["--report-to", "mlflowx"], "report_to", "'mlflowx'"),
     (["--resume", "/no/such/dir"], "resume", "'/no/such/dir'"),
     (["--max-seq-length", "2"], "max_seq_length", "2"),
+    (["--mini-batch-size", "64"], "mini_batch_size", "64"),
 ])
 def test_bad_values_name_field_and_value(argv, field, value):
     with pytest.raises(ConfigError) as err:
