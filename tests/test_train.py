@@ -122,3 +122,18 @@ def test_output_dir_with_other_files_is_refused(tmp_path, tiny_model, nli_file, 
     assert main(_args(tiny_model, nli_file, out, "--max-steps", "1", "--eval-data", "none")) == 2
     assert "--overwrite-output-dir" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_tensorboard_tracker_gets_the_metrics(tmp_path, tiny_model, nli_file):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tb"
+    assert main(_args(tiny_model, nli_file, out, "--max-steps", "2", "--log-steps", "1", "--eval-data", "none",
+                      "--report-to", "tensorboard")) == 0
+    events = list((out / "mnr").glob("events.out.tfevents.*"))  # (the run config goes to a subfolder)
+    assert len(events) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert {"loss", "lr", "pairs_per_s"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2]
