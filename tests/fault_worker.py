@@ -1,7 +1,7 @@
 """Runs the trainer with a fault injected, for the reliability tests (also under `accelerate launch`).
 
     python tests/fault_worker.py KIND STEP RANKS -- TRAIN_ARGS...
-KIND: sigkill | sigterm | nan.  During the loss of optimizer step STEP (1-based), every process whose rank is in
+KIND: sigkill | sigterm | sigint | nan.  During the loss of optimizer step STEP (1-based), every process whose rank is in
 RANKS (comma separated) sends itself KIND (nan: the loss becomes NaN instead).
 """
 
@@ -26,7 +26,7 @@ def faulty_loss(*args, **kwargs):
     if calls["n"] == at and rank in ranks:
         if kind == "nan":
             return loss * torch.tensor(float("nan"))
-        os.kill(os.getpid(), signal.SIGKILL if kind == "sigkill" else signal.SIGTERM)
+        os.kill(os.getpid(), {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}[kind])
     return loss
 
 

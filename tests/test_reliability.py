@@ -110,6 +110,14 @@ def test_sigterm_finishes_the_step_saves_and_exits_nonzero(tmp_path, tiny_model,
     assert _max_diff(_weights(ref), _weights(out)) < 1e-5
 
 
+def test_ctrl_c_saves_and_exits_130(tmp_path, tiny_model, train_file):
+    out = tmp_path / "run"
+    proc = _launch(1, [WORKER, "sigint", "2", "0", "--"] + _args(tiny_model, train_file, out, "--max-steps", "5"))
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "SIGINT received: stopped after step 2" in proc.stdout
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file() and "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_sigterm_on_one_process_stops_all(tmp_path, tiny_model, train_file):
     out = tmp_path / "run"
