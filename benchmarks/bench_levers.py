@@ -36,7 +36,9 @@ SETTINGS = {
     "bf16": (1, True, False, 0),
     "bf16-b4": (4, True, False, 0),
     "fp32-b4-g8": (4, False, False, 8),
+    "fp32-b4-g8-compile": (4, False, False, 8),  # + torch.compile(dynamic=True) of the transformer
 }
+COMPILED = {"fp32-b4-g8-compile"}
 
 
 def main() -> None:
@@ -75,18 +77,25 @@ def main() -> None:
             print(f"length_grouping={grouping}, length_buckets={buckets}: real tokens are {real / padded:.0%} "
                   f"of the tokens computed")
     state = {k: v.clone() for k, v in encoder.state_dict().items()}
+    eager = encoder.transformer
+    compiled = torch.compile(eager, dynamic=True) if COMPILED & set(names) else None
     times: dict[str, list[float]] = {s: [] for s in names}
     for rnd in range(args.rounds):
         for name in names:
             buckets, bf16, fused, grouping = SETTINGS[name]
+            encoder.transformer = eager  # the compiled wrapper shares eager's parameters
             encoder.load_state_dict(state)
+            encoder.transformer = compiled if name in COMPILED else eager
             encoder.length_buckets = buckets
             encoder.train()
             optimizer = torch.optim.AdamW(param_groups(encoder, 0.01), lr=2e-5, fused=fused or None,
                                           foreach=None if fused else True)
+            t_start = time.perf_counter()
             for i, batch in enumerate(batches[grouping]):
                 if i == 2:
                     t0 = time.perf_counter()
+                    if name in COMPILED:
+                        print(f"  {name}: 2 warm-up steps (compilation included) took {t0 - t_start:.0f} s", flush=True)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     roles = split_roles(encoder(batch["input_ids"], batch["attention_mask"]), 2)
                     loss = mnr_loss(roles[0], roles[1], scale=20.0)
