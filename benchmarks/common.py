@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-NLI_DIR = REPO.parent / "shared" / "data" / "nli"
+# The shared data folder; MNR_SHARED_DATA points elsewhere (e.g. a copy carried to a GPU machine).
+SHARED_DATA = Path(os.environ.get("MNR_SHARED_DATA") or REPO.parent / "shared" / "data")
+NLI_DIR = SHARED_DATA / "nli"
 NLI_FILES = ["snli_validation.tsv.gz", "snli_test.tsv.gz", "snli_train-subset.tsv.gz"]
-STSB_VALIDATION = REPO.parent / "shared" / "data" / "stsb" / "validation.tsv"
+STSB_VALIDATION = SHARED_DATA / "stsb" / "validation.tsv"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "PYTHONWARNINGS": "ignore"}
 
