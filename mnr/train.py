@@ -497,8 +497,9 @@ def _find_resume(cfg: TrainConfig, out: Path) -> Path | None:
 
 
 def _resume(accelerator, cfg: TrainConfig, checkpoint: Path, world: int, scheduler) -> Position:
-    """Decision: a resumed run must have the same world size, batch size and seed, because the data order
-    and every process's RNG stream are functions of them; a change stops with a clear message."""
+    """Decision: a resumed run must have the same world size, batch size, seed, pairs/triplets choice and
+    length grouping, because the data order and every process's RNG stream are functions of them; a change
+    stops with a clear message."""
     state = read_state(checkpoint)
     for key, now in (("world_size", world), ("batch_size", cfg.batch_size), ("seed", cfg.seed),
                      ("hard_negatives", cfg.hard_negatives), ("length_grouping", cfg.length_grouping)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import string
 from pathlib import Path
 
@@ -96,3 +97,22 @@ def shared_file(rel: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data {rel} not present")
     return path
+
+
+def free_port() -> int:
+    """A free local port for a launch: other test runs may launch at the same time, never the default 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    """Largest absolute difference over all tensors of two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)

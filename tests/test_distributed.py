@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, build_tiny_model, nli_rows, write_tsv
+from conftest import REPO, build_tiny_model, free_port, load_weights, max_abs_diff, nli_rows, write_tsv
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +27,6 @@ LOCAL_BATCH = 4
 TRAIN_ARGS = ["--lr", "1e-3", "--max-steps", "3", "--warmup-ratio", "0", "--weight-decay", "0",
               "--max-seq-length", "32", "--report-to", "none", "--no-progress", "--eval-data", "none",
               "--log-steps", "1"]  # max_grad_norm stays 1.0: the gradient norm is ~2-9 here, so clipping is active
-
-
-def free_port() -> int:
-    with socket.socket() as s:  # other test runs may launch at the same time: never the default 29500
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(launcher_args: list[str], script_and_args: list[str], tmp: Path) -> subprocess.CompletedProcess:
@@ -85,17 +78,6 @@ def runs(tmp_path_factory, tiny) -> dict[str, Path]:
     return out
 
 
-def weights(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(run / "model.safetensors")
-
-
-def max_abs_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -140,21 +122,21 @@ def test_gradcache_two_processes_matches_uncached_and_single_process(worker, cas
 
 
 def test_two_processes_batch_b_train_like_one_process_batch_2b(runs):
-    diff = max_abs_diff(weights(runs["gathered"]), weights(runs["single"]))
+    diff = max_abs_diff(load_weights(runs["gathered"]), load_weights(runs["single"]))
     print(f"max |w(2 proc x {LOCAL_BATCH}, gathered) - w(1 proc x {2 * LOCAL_BATCH})| = {diff:.3g}")
     assert diff < 5e-5
 
 
 def test_without_gather_the_weights_clearly_differ(runs, tiny):
-    moved = max_abs_diff(weights(runs["single"]), weights(tiny))
-    diff = max_abs_diff(weights(runs["not_gathered"]), weights(runs["single"]))
+    moved = max_abs_diff(load_weights(runs["single"]), load_weights(tiny))
+    diff = max_abs_diff(load_weights(runs["not_gathered"]), load_weights(runs["single"]))
     print(f"max |w(no gather) - w(single)| = {diff:.3g}; training moved the weights by up to {moved:.3g}")
     assert moved > 1e-3
     assert diff > 1e-3
 
 
 def test_gradcache_run_via_cpu_launch_config_trains_like_one_process(runs):
-    diff = max_abs_diff(weights(runs["config_gradcache"]), weights(runs["single"]))
+    diff = max_abs_diff(load_weights(runs["config_gradcache"]), load_weights(runs["single"]))
     print(f"max |w(cpu_2proc.yaml, GradCache M=3) - w(single)| = {diff:.3g}")
     assert diff < 5e-5
     records = metrics(runs["config_gradcache"])

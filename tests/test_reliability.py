@@ -8,16 +8,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import REPO, nli_rows, write_tsv
+from conftest import REPO, free_port, load_weights, max_abs_diff, nli_rows, write_tsv
 from mnr.train import main
 
 WORKER = str(REPO / "tests" / "fault_worker.py")
@@ -35,28 +33,14 @@ def train_file(tmp_path):
     return write_tsv(tmp_path / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows(40))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(procs: int, script_args: list[str], timeout=240) -> subprocess.CompletedProcess:
     if procs == 1:
         cmd = [sys.executable] + script_args
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port())] + script_args
+               "--main_process_port", str(free_port())] + script_args
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout)
-
-
-def _weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "model.safetensors"))
-
-
-def _max_diff(a, b) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def _records(out: Path) -> list[dict]:
@@ -88,7 +72,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dropout, 
                       + _args(tiny_model_dropout, train_file, out, *common, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "checkpoint-4" in resumed.stderr
-    assert _max_diff(_weights(ref), _weights(out)) < 1e-5
+    assert max_abs_diff(load_weights(ref), load_weights(out)) < 1e-5
     assert _records(out) == _records(ref)
 
 
@@ -107,7 +91,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_nonzero(tmp_path, tiny_model,
     assert main(_args(tiny_model, train_file, out, *common, "--resume", "auto")) == 0
     ref = tmp_path / "ref"
     assert main(_args(tiny_model, train_file, ref, *common)) == 0
-    assert _max_diff(_weights(ref), _weights(out)) < 1e-5
+    assert max_abs_diff(load_weights(ref), load_weights(out)) < 1e-5
 
 
 def test_ctrl_c_saves_and_exits_130(tmp_path, tiny_model, train_file):
@@ -194,7 +178,7 @@ def test_nan_loss_skipped_when_asked(tmp_path, tiny_model, train_file):
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["skipped_steps"] == 1 and last["step"] == 4
     assert "skipping step 2" in proc.stderr
-    assert all(torch.isfinite(t).all() for t in _weights(out).values())
+    assert all(torch.isfinite(t).all() for t in load_weights(out).values())
 
 
 # ---- bad input: one clear line, exit code 2 ----------------------------------------------------
