@@ -84,21 +84,14 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: {allowed}")
 
-        for f in fields(self):  # types first, so the checks below compare like with like
-            value = getattr(self, f.name)
-            kind = {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type).split(" ")[0])
-            if kind in (int, float) and isinstance(value, str):  # YAML reads 2e-5 (no dot) as a string
-                try:
-                    value = kind(value)
-                    setattr(self, f.name, value)
-                except ValueError:
-                    pass
+        for name, kind in FIELD_TYPES.items():  # types first, so the checks below compare like with like
+            value = getattr(self, name)
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, f.name, float(value))
-            elif kind is not None and value is not None and not (
-                isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+                setattr(self, name, float(value))
+            elif not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) and not (
+                value is None and name in OPTIONAL_FIELDS
             ):
-                raise ConfigError(f"{f.name}={value!r} is invalid: expected {kind.__name__}")
+                raise ConfigError(f"{name}={value!r} is invalid: expected {kind.__name__}")
         need(self.batch_size >= 2, "batch_size", "MNR needs at least 2 examples per batch (one positive, "
              "at least one in-batch negative)")
         need(self.epochs >= 1, "epochs", "must be >= 1")
@@ -133,7 +126,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+_KINDS = {"int": int, "float": float, "bool": bool, "str": str}
+# The one type map: the parser, the YAML loader and the validation all read it.
+FIELD_TYPES: dict[str, type] = {f.name: _KINDS[f.type.split(" | ")[0]] for f in fields(TrainConfig)}
+OPTIONAL_FIELDS = {f.name for f in fields(TrainConfig) if f.type.endswith("| None")}
+FIELD_NAMES = set(FIELD_TYPES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,13 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         default = f.default
         help_text = f.metadata["help"] + ("" if default in ("", None) else f" (default: {default})")
-        if f.type in ("bool", "bool | None"):
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
-                                action=argparse.BooleanOptionalAction, help=help_text)
+        flag, kind = "--" + f.name.replace("_", "-"), FIELD_TYPES[f.name]
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, help=help_text,
-                                metavar=f.name.upper())
+            parser.add_argument(flag, dest=f.name, type=kind, help=help_text, metavar=f.name.upper())
     return parser
 
 
@@ -174,8 +169,18 @@ def load_yaml(path: str) -> dict[str, Any]:
         if name not in FIELD_NAMES or name == "config":
             raise ConfigError(f"config={path!r} has unknown key {key!r}; known keys: "
                               f"{', '.join(sorted(FIELD_NAMES - {'config'}))}")
-        out[name] = value
+        out[name] = _from_yaml(FIELD_TYPES[name], value)
     return out
+
+
+def _from_yaml(kind: type, value: Any) -> Any:
+    """YAML 1.1 reads `2e-5` (no dot) as a string: numbers written that way become numbers here, once."""
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            return value  # left for the validation to name
+    return value
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

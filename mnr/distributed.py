@@ -76,3 +76,35 @@ def all_gather_object(obj):
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def is_main() -> bool:
+    """The one "am I the main process" check (global rank 0): printing, files, trackers happen there only."""
+    return rank() == 0
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher started (WORLD_SIZE; 1 under plain `python`), before any group exists."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def any_true(flags: torch.Tensor) -> list[bool]:
+    """Element-wise OR of a 1-d tensor of 0/1 flags over all processes; one small all-reduce and one host sync.
+
+    Every process must call it with the same number of flags; all get the same answer, so decisions that
+    change the control flow (skip a step, stop the run) are taken together and no process waits alone."""
+    flags = flags.detach().float()
+    if is_distributed():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in flags.tolist()]
+
+
+def mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over all processes (for logging: the loss of the whole global batch)."""
+    if not is_distributed():
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / dist.get_world_size()

@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from mnr.model import trim_padding
+
 
 class RandState:
     """Snapshot of the CPU (and current CUDA device's) RNG; `with state:` replays from it."""
@@ -23,9 +25,6 @@ class RandState:
         self.cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
     def __enter__(self) -> "RandState":
-        self._saved = RandState.__new__(RandState)
-        self._saved.cpu, self._saved.cuda = torch.get_rng_state(), (
-            torch.cuda.get_rng_state() if self.cuda is not None else None)
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda)
@@ -34,12 +33,6 @@ class RandState:
     def __exit__(self, *exc) -> None:
         # Leave the RNG where the replayed forward left it: the second pass continues as the first did.
         return None
-
-
-def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop padding columns no row of this chunk needs (the batch was padded to its longest row overall)."""
-    length = int(attention_mask.sum(dim=1).max())
-    return input_ids[:, :length], attention_mask[:, :length]
 
 
 def cached_loss_and_backward(
@@ -57,16 +50,21 @@ def cached_loss_and_backward(
     no_sync(model) (DDP's, via Accelerate) wraps all chunks' backward but the last, so gradients are
     all-reduced once per step.
     """
-    chunks = [(_trim(ids, mask)) for ids, mask in zip(input_ids.split(mini_batch_size), attention_mask.split(mini_batch_size))]
+    chunks = [trim_padding(ids, mask) for ids, mask in zip(input_ids.split(mini_batch_size),
+                                                            attention_mask.split(mini_batch_size))]
+    # Step 1, embed without a graph: each chunk's embeddings, remembering its RNG state for the replay.
     states, reps = [], []
     with torch.no_grad():
         for ids, mask in chunks:
             states.append(RandState())
             reps.append(model(ids, mask))
+    # Step 2, build the cache: the loss on the detached embeddings and its gradient w.r.t. them.
     reps_t = torch.cat(reps).detach().requires_grad_()
     loss = loss_fn(reps_t)
     loss.backward()  # only the loss graph: d(loss)/d(embeddings), collectives of the gather included
     grads = reps_t.grad.split(mini_batch_size)
+    # Step 3, forward-backward chunk by chunk: replay each chunk with a graph under its RNG state and
+    # backpropagate the cached gradient into the parameters.
     for i, ((ids, mask), state, grad) in enumerate(zip(chunks, states, grads)):
         sync_ctx = no_sync(model) if (no_sync is not None and i < len(chunks) - 1) else nullcontext()
         with sync_ctx, state:

@@ -31,6 +31,13 @@ def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> t
     return summed / mask.sum(dim=1).clamp(min=1e-9)
 
 
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop padding columns no row needs: cut to `width` or, by default, to the longest row (a host sync)."""
+    width = int(attention_mask.sum(dim=1).max()) if width is None else width
+    return input_ids[:, :width], attention_mask[:, :width]
+
+
 class Encoder(nn.Module):
     """Texts' token ids -> one embedding each: transformer, then masked mean pooling."""
 
@@ -54,7 +61,7 @@ class Encoder(nn.Module):
         chunks = order.chunk(self.length_buckets)
         # One host sync per forward: the chunk widths must be Python ints to slice.
         widths = torch.stack([lengths[idx].max() for idx in chunks]).tolist()
-        parts = [self._embed(input_ids[idx, :w], attention_mask[idx, :w]) for idx, w in zip(chunks, widths)]
+        parts = [self._embed(*trim_padding(input_ids[idx], attention_mask[idx], w)) for idx, w in zip(chunks, widths)]
         return torch.cat(parts)[torch.argsort(order)]  # back to input order
 
     def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The training loop: data -> batch -> encoder -> loss -> step, with eval, logging and checkpoints.
 
-`run(config)` is all of training; `train_mnr.py` only parses the command line into a TrainConfig.
+`run(config)` is all of training: `setup(config)` builds one `Trainer` object, `train(trainer)` is the loop,
+`finish(trainer)` evaluates and exports. `train_mnr.py` only parses the command line into a TrainConfig.
 """
 
 from __future__ import annotations
@@ -11,21 +12,24 @@ import math
 import os
 import signal
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mnr import distributed
 from mnr.batching import Collator, GlobalBatchSampler, example_lengths, make_loader
-from mnr.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from mnr.checkpoint import (CheckpointError, TrainState, latest_checkpoint, load_checkpoint, read_state, run_shape,
+                            save_checkpoint)
 from mnr.config import EMBEDDED_EVAL, EMBEDDED_TRAIN, TrainConfig
 from mnr.data import DataError, load_examples, tokenize_examples
-from mnr.evaluate import load_sts, sts_spearman
+from mnr.evaluate import STSData, load_sts, sts_spearman
 from mnr.gradcache import cached_loss_and_backward
+from mnr.launch import LaunchError, make_accelerator
 from mnr.loss import mnr_loss, split_roles
 from mnr.model import ModelError, load_encoder, max_positions, resolve_model_path, save_model
+from mnr.reporting import MetricsLog, Progress, StopRequest, Throughput, setup_logging
 
 logger = logging.getLogger("mnr")
 RUN_MARKER = "mnr_run.json"  # the config and world size of the run that wrote this output dir
@@ -35,11 +39,218 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, bad output dir ...); the message says where and why."""
 
 
-USER_ERRORS = (ValueError, DataError, ModelError, CheckpointError, TrainingError)
+USER_ERRORS = (ValueError, DataError, ModelError, CheckpointError, TrainingError, LaunchError)
+
+
+@dataclass
+class Trainer:
+    """Everything the loop touches, built once by `setup`."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    model: torch.nn.Module  # prepared by Accelerate (DDP-wrapped under several processes)
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # stepped per global step by us, not by Accelerate
+    sampler: GlobalBatchSampler
+    collator: Collator
+    eval_data: STSData | None
+    metrics: MetricsLog
+    state: TrainState
+    out: Path
+    total_steps: int
+    examples: int
+    gather: bool  # score against the candidates of every process
+    stop: StopRequest = field(default_factory=StopRequest)
+    progress: Progress | None = None
+    throughput: Throughput = field(default_factory=Throughput)
+    lr: float = 0.0  # the rate the last optimizer step used (logged)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.world
+
+    @property
+    def negatives_per_anchor(self) -> int:
+        return (self.global_batch if self.gather else self.cfg.batch_size) * (self.cfg.n_roles - 1) - 1
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers named in the loop
+# run = setup; train; finish
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train as configured; returns a summary (scores, steps, paths). Raises a USER_ERRORS type on bad input."""
+    t = setup(cfg)
+    if t.state.global_step == 0 and t.state.stsb_before is None:
+        t.state.stsb_before = _evaluate_and_log(t, "before training")
+    t.summary["stsb_before"] = t.state.stsb_before
+    t.stop.install()
+    t.progress = Progress(cfg.progress, t.total_steps, t.state.global_step)
+    try:
+        completed = train(t)
+    finally:
+        t.progress.close()
+        t.stop.restore()
+    return finish(t) if completed else t.summary
+
+
+def train(t: Trainer) -> bool:
+    """The loop. Returns False when a stop signal ended it early (the state is saved then)."""
+    cfg, st = t.cfg, t.state
+    t.model.train()
+    t.throughput.restart()
+    t.lr = t.scheduler.get_last_lr()[0]
+    while st.global_step < t.total_steps:
+        for batch in make_loader(t.sampler, t.collator, st.epoch, st.step_in_epoch):
+            # forward and backward
+            loss = train_step(t, batch)
+            grad_norm = t.accelerator.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm or float("inf"))
+            # check: a non-finite loss or gradient, or a stop signal, on any process (all agree)
+            bad_step, stop_now = _check_step(loss, grad_norm, t.stop.signum)
+            # step
+            if bad_step:
+                _skip_step(t, batch)
+            else:
+                t.lr = t.scheduler.get_last_lr()[0]  # the rate this step uses
+                t.optimizer.step()
+                t.scheduler.step()
+            t.optimizer.zero_grad(set_to_none=True)
+            st.global_step += 1
+            st.step_in_epoch += 1
+            t.throughput.add(t.global_batch)
+            # log
+            if st.global_step % cfg.log_steps == 0 or st.global_step == t.total_steps:
+                _log_step(t, loss, grad_norm)
+            else:
+                t.progress.update(1)
+            # evaluate
+            if cfg.eval_steps and st.global_step % cfg.eval_steps == 0 and st.global_step < t.total_steps:
+                _eval_and_keep_best(t)
+            # save
+            if stop_now or (cfg.save_steps and st.global_step % cfg.save_steps == 0):
+                path = save(t)
+                t.throughput.restart()
+            # stop
+            if stop_now:
+                _report_stop(t, path)
+                return False
+            if st.global_step >= t.total_steps:
+                break
+        else:
+            st.epoch += 1
+            st.step_in_epoch = 0
+    return True
+
+
+def train_step(t: Trainer, batch: dict) -> torch.Tensor:
+    """Forward and backward of one global step on this process's rows; returns the (local) loss."""
+    input_ids = batch["input_ids"].to(t.accelerator.device, non_blocking=True)
+    attention_mask = batch["attention_mask"].to(t.accelerator.device, non_blocking=True)
+
+    def loss_from_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
+        roles = split_roles(embeddings, t.cfg.n_roles)
+        return mnr_loss(roles[0], roles[1], roles[2] if t.cfg.n_roles == 3 else None, scale=t.cfg.scale,
+                        symmetric=t.cfg.symmetric, gather=distributed.all_gather_with_grad if t.gather else _same,
+                        rank=distributed.rank() if t.gather else 0)
+
+    if t.cfg.mini_batch_size:  # GradCache: chunks of mini_batch_size rows, the gradient of the whole batch
+        return cached_loss_and_backward(t.model, input_ids, attention_mask, t.cfg.mini_batch_size,
+                                        loss_from_embeddings, t.accelerator.backward, t.accelerator.no_sync)
+    loss = loss_from_embeddings(t.model(input_ids, attention_mask))  # one forward over all roles
+    t.accelerator.backward(loss)
+    return loss
+
+
+def finish(t: Trainer) -> dict:
+    """Final evaluation, best/ and the exported model; returns the run's summary."""
+    after = _evaluate_and_log(t, None)
+    if after is not None and t.cfg.eval_steps:
+        _keep_best(t, after)
+    if distributed.is_main():
+        export(t, t.out, after)
+    distributed.barrier()
+    st = t.state
+    t.summary.update(stsb_after=after, steps=st.global_step, skipped_steps=st.skipped_steps, best_stsb=st.best_score)
+    if after is not None:
+        t.accelerator.print(f"STSb validation Spearman after training: {after:.2f}"
+                            + (f" (before: {st.stsb_before:.2f})" if st.stsb_before is not None else ""))
+    t.accelerator.print(f"model saved to {t.out} ({st.global_step} steps)")
+    t.accelerator.end_training()
+    return t.summary
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up
+
+
+def setup(cfg: TrainConfig) -> Trainer:
+    """Accelerator, output dir, model, data, optimizer, resume: everything checked before the first step."""
+    from accelerate.utils import set_seed
+
+    accelerator, report_to = make_accelerator(cfg)
+    setup_logging(distributed.is_main())
+    out = prepare_output_dir(cfg)
+    resume_from = _find_resume(cfg, out)
+    set_seed(cfg.seed)
+    encoder, tokenizer = _setup_model(cfg)
+    sampler, collator, examples = _setup_data(cfg, tokenizer, accelerator)
+    eval_data = None if cfg.eval_data.lower() == "none" else load_sts(cfg.eval_data or str(EMBEDDED_EVAL))
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else sum(sampler.steps_in_epoch(e) for e in range(cfg.epochs))
+    optimizer = torch.optim.AdamW(param_groups(encoder, cfg.weight_decay), lr=cfg.lr)
+    # Not passed to prepare(): Accelerate would step it once per process; we count global steps ourselves.
+    # Its state goes into trainer_state.json, not register_for_checkpointing: Accelerate unpickles custom
+    # objects with weights_only=False, and resume state must load with weights_only=True.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, linear_schedule(total_steps, math.ceil(cfg.warmup_ratio * total_steps)))
+    model, optimizer = accelerator.prepare(encoder, optimizer)
+    if distributed.is_main() and report_to != "none":
+        accelerator.init_trackers("mnr", config={k: v for k, v in cfg.to_dict().items() if v is not None})
+    world = accelerator.num_processes
+    t = Trainer(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                scheduler=scheduler, sampler=sampler, collator=collator, eval_data=eval_data,
+                metrics=MetricsLog(accelerator, out / "metrics.jsonl"), state=TrainState(shape=run_shape(cfg, world)),
+                out=out, total_steps=total_steps, examples=examples,
+                gather=cfg.gather_negatives if cfg.gather_negatives is not None else world > 1)
+    if resume_from is not None:
+        t.state = _resume(t, resume_from)
+        t.metrics.truncate_after(t.state.global_step)
+    if distributed.is_main():
+        (out / RUN_MARKER).write_text(json.dumps({"config": cfg.to_dict(), "world_size": world}, indent=2))
+    left_over = examples - sampler.steps_in_epoch(0) * t.global_batch
+    logger.info("%d examples -> %d global batches of %d per epoch (%d wait for the next epoch's reshuffle); "
+                "%d steps; %d processes x %d; %d negatives per anchor%s", examples, sampler.steps_in_epoch(0),
+                t.global_batch, left_over, total_steps, world, cfg.batch_size, t.negatives_per_anchor,
+                " (gathered from all processes)" if t.gather and world > 1 else "")
+    t.summary = {"output_dir": str(out), "total_steps": total_steps, "examples": examples,
+                 "global_batch_size": t.global_batch, "negatives_per_anchor": t.negatives_per_anchor}
+    return t
+
+
+def _setup_model(cfg: TrainConfig):
+    encoder, tokenizer = load_encoder(resolve_model_path(cfg.model), cfg.trust_remote_code)
+    encoder.length_buckets = cfg.length_buckets
+    limit = max_positions(encoder)
+    if limit is not None and cfg.max_seq_length > limit:
+        raise TrainingError(f"max_seq_length={cfg.max_seq_length} exceeds the model's position limit ({limit} tokens)")
+    return encoder, tokenizer
+
+
+def _setup_data(cfg: TrainConfig, tokenizer, accelerator) -> tuple[GlobalBatchSampler, Collator, int]:
+    """Examples -> token ids (cached) -> this process's sampler and the collator."""
+    train_spec = cfg.train_data or str(EMBEDDED_TRAIN)
+    with accelerator.main_process_first():  # the main process tokenises and fills the cache; the others read it
+        examples, stats = load_examples(train_spec, cfg.hard_negatives)
+        data = tokenize_examples(examples, tokenizer, cfg.max_seq_length, cfg.cache_dir)
+    logger.info("train data %s: %s", train_spec, stats.summary())
+    sampler = GlobalBatchSampler(data.text_ids, cfg.batch_size, accelerator.num_processes, distributed.rank(),
+                                 cfg.seed, example_lengths(data.token_ids, data.text_ids), cfg.length_grouping)
+    return sampler, Collator(data.token_ids, data.text_ids, tokenizer.pad_token_id), len(data)
 
 
 def linear_schedule(total_steps: int, warmup_steps: int):
@@ -62,10 +273,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> Path:
+def prepare_output_dir(cfg: TrainConfig) -> Path:
     """Refuse a foreign non-empty dir unless --overwrite-output-dir; check it is writable before training."""
     out = Path(cfg.output_dir)
-    if is_main:
+    if distributed.is_main():
         if out.exists() and not out.is_dir():
             raise TrainingError(f"output_dir={cfg.output_dir!r} exists and is not a directory")
         if out.is_dir() and any(out.iterdir()) and not (cfg.overwrite_output_dir or cfg.resume):
@@ -82,408 +293,6 @@ def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> Path:
     return out
 
 
-class MetricsLog:
-    """metrics.jsonl in the output dir (+ Accelerate trackers); rank 0 only."""
-
-    def __init__(self, accelerator, path: Path):
-        self.accelerator = accelerator
-        self.path = path
-
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop records of steps the crashed run did after its checkpoint (they are redone)."""
-        if not self.accelerator.is_main_process or not self.path.is_file():
-            return
-        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-        os.replace(tmp, self.path)
-
-    def write(self, record: dict) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-        if self.accelerator.trackers:
-            self.accelerator.log(numbers, step=record.get("step"))
-
-
-class Progress:
-    """Rich progress bar on rank 0 (loss, lr, pairs/s, ETA); a no-op elsewhere or when disabled."""
-
-    def __init__(self, enabled: bool, total: int, completed: int):
-        self.bar = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
-                TimeElapsedColumn, TimeRemainingColumn
-
-            self.bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                                    TimeRemainingColumn(), transient=False)
-            self.task = self.bar.add_task("train", total=total, completed=completed, info="")
-            self.bar.start()
-
-    @property
-    def live(self) -> bool:
-        return self.bar is not None and self.bar.console.is_terminal
-
-    def update(self, advance: int = 1, info: str | None = None) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=advance, **({"info": info} if info is not None else {}))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-class StopRequest:
-    """SIGTERM / Ctrl-C: finish the current step, save, exit non-zero (second Ctrl-C kills at once)."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not in the main thread (e.g. a notebook worker): leave signals alone
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum:  # second signal: give up now
-            self.restore()
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
-@dataclass
-class Position:
-    """Where training is: the resumable data position plus counters."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    best_score: float | None = None
-    skipped_steps: int = 0
-    stsb_before: float | None = None  # kept across a resume for the model card and summary
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def setup_logging(is_main: bool) -> None:
-    level = logging.INFO if is_main else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger().setLevel(level)
-    for noisy in ("transformers", "datasets", "httpx", "urllib3", "filelock", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-
-
-def run(cfg: TrainConfig) -> dict:
-    """Train as configured; returns a summary (scores, steps, paths). Raises a USER_ERRORS type on bad input."""
-    from accelerate.utils import set_seed
-
-    accelerator, report_to = _make_accelerator(cfg)
-    setup_logging(accelerator.is_main_process)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and world != launched:  # N independent runs into one output dir would silently train N separate models
-        raise TrainingError(f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate set up "
-                            f"{world} ({accelerator.distributed_type}); check the accelerate config")
-    gather = cfg.gather_negatives if cfg.gather_negatives is not None else world > 1
-    _check_backend(accelerator, cfg)
-    out = prepare_output_dir(cfg, accelerator.is_main_process)
-    resume_from = _find_resume(cfg, out)
-    set_seed(cfg.seed)
-
-    # ---- model and data ------------------------------------------------------------------
-    model_path = resolve_model_path(cfg.model)
-    encoder, tokenizer = load_encoder(model_path, cfg.trust_remote_code)
-    encoder.length_buckets = cfg.length_buckets
-    limit = max_positions(encoder)
-    if limit is not None and cfg.max_seq_length > limit:
-        raise TrainingError(f"max_seq_length={cfg.max_seq_length} exceeds the model's position limit ({limit} tokens)")
-    train_spec = cfg.train_data or str(EMBEDDED_TRAIN)
-    with accelerator.main_process_first():  # rank 0 tokenises and fills the cache; the others read it
-        examples, stats = load_examples(train_spec, cfg.hard_negatives)
-        data = tokenize_examples(examples, tokenizer, cfg.max_seq_length, cfg.cache_dir)
-    logger.info("train data %s: %s", train_spec, stats.summary())
-    eval_data = None
-    if cfg.eval_data.lower() != "none":
-        eval_data = load_sts(cfg.eval_data or str(EMBEDDED_EVAL))
-    sampler = GlobalBatchSampler(data.text_ids, cfg.batch_size, world, rank, cfg.seed,
-                                 example_lengths(data.token_ids, data.text_ids), cfg.length_grouping)
-    collator = Collator(data.token_ids, data.text_ids, tokenizer.pad_token_id)
-    steps_per_epoch = sampler.steps_in_epoch(0)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else sum(sampler.steps_in_epoch(e) for e in range(cfg.epochs))
-    global_batch = cfg.batch_size * world
-    negatives_per_anchor = (global_batch if gather else cfg.batch_size) * (cfg.n_roles - 1) - 1
-    left_over = len(data) - steps_per_epoch * global_batch
-    logger.info("%d examples -> %d global batches of %d per epoch (%d wait for the next epoch's reshuffle); "
-                "%d steps; %d processes x %d; %d negatives per anchor%s", len(data), steps_per_epoch, global_batch,
-                left_over, total_steps, world, cfg.batch_size, negatives_per_anchor,
-                " (gathered from all processes)" if gather and world > 1 else "")
-
-    # ---- optimisation --------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(param_groups(encoder, cfg.weight_decay), lr=cfg.lr)
-    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-    # Not passed to prepare(): Accelerate would step it once per process; we count global steps ourselves.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_steps))
-    model, optimizer = accelerator.prepare(encoder, optimizer)
-    # The scheduler's state goes into trainer_state.json, not register_for_checkpointing: Accelerate unpickles
-    # custom objects with weights_only=False, and resume state must load with weights_only=True.
-    if accelerator.is_main_process and report_to != "none":
-        accelerator.init_trackers("mnr", config={k: v for k, v in cfg.to_dict().items() if v is not None})
-
-    pos = Position()
-    if resume_from is not None:
-        pos = _resume(accelerator, cfg, resume_from, world, scheduler)
-    metrics = MetricsLog(accelerator, out / "metrics.jsonl")
-    if resume_from is not None:
-        metrics.truncate_after(pos.global_step)
-    if accelerator.is_main_process:
-        (out / RUN_MARKER).write_text(json.dumps({"config": cfg.to_dict(), "world_size": world}, indent=2))
-
-    def loss_from_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
-        roles = split_roles(embeddings, cfg.n_roles)
-        return mnr_loss(roles[0], roles[1], roles[2] if cfg.n_roles == 3 else None, scale=cfg.scale,
-                        symmetric=cfg.symmetric, gather=distributed.all_gather_with_grad if gather else (lambda t: t),
-                        rank=rank if gather else 0)
-
-    def evaluate() -> float | None:
-        score = None
-        if eval_data is not None and accelerator.is_main_process:
-            score = sts_spearman(accelerator.unwrap_model(model), tokenizer, eval_data, cfg.max_seq_length)
-        # Every process gets rank 0's score (also a sync point): _keep_best runs, and syncs, on all of them;
-        # a score on rank 0 only would leave rank 0 alone in its barrier while the others train on (a hang).
-        return distributed.all_gather_object(score)[0]
-
-    def export(path: Path, score: float | None = None) -> None:
-        save_model(accelerator.unwrap_model(model), tokenizer, path, cfg.max_seq_length, card={
-            "base_model": cfg.model or "all-MiniLM-L6-v2", "train_data": cfg.train_data or "embedded SNLI sample",
-            "examples": len(data), "hard_negatives": cfg.hard_negatives, "steps": pos.global_step,
-            "global_batch_size": global_batch, "lr": cfg.lr, "scale": cfg.scale, "stsb_before": summary.get("stsb_before"),
-            "stsb_after": None if score is None else f"{score:.2f}", "eval_data": cfg.eval_data or "embedded STSb validation"})
-
-    summary: dict = {"output_dir": str(out), "total_steps": total_steps, "examples": len(data),
-                     "global_batch_size": global_batch, "negatives_per_anchor": negatives_per_anchor}
-    if resume_from is None:
-        summary["stsb_before"] = evaluate()
-        if summary["stsb_before"] is not None:
-            accelerator.print(f"STSb validation Spearman before training: {summary['stsb_before']:.2f}")
-            metrics.write({"step": 0, "stsb_spearman": summary["stsb_before"]})
-    else:
-        summary["stsb_before"] = pos.stsb_before
-
-    # ---- the loop ------------------------------------------------------------------------
-    stop = StopRequest()
-    stop.install()
-    progress = Progress(cfg.progress and accelerator.is_main_process, total_steps, pos.global_step)
-    model.train()
-    t_last, pairs_since, lr = time.perf_counter(), 0, scheduler.get_last_lr()[0]
-    try:
-        while pos.global_step < total_steps:
-            loader = make_loader(sampler, collator, pos.epoch, pos.step_in_epoch)
-            for batch in loader:
-                input_ids = batch["input_ids"].to(accelerator.device, non_blocking=True)
-                attention_mask = batch["attention_mask"].to(accelerator.device, non_blocking=True)
-                if cfg.mini_batch_size:
-                    loss = cached_loss_and_backward(model, input_ids, attention_mask, cfg.mini_batch_size,
-                                                    loss_from_embeddings, accelerator.backward, accelerator.no_sync)
-                else:
-                    loss = loss_from_embeddings(model(input_ids, attention_mask))  # one forward over all roles
-                    accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-                bad_step, stop_now = _check_step(loss, grad_norm, stop.signum, world)
-                if bad_step:
-                    pos.skipped_steps += 1
-                    where = f"step {pos.global_step + 1} (epoch {pos.epoch}, batch {pos.step_in_epoch})"
-                    if not cfg.skip_nonfinite:
-                        raise TrainingError(f"non-finite loss or gradient at {where}; example indices of this "
-                                            f"process's batch: {batch['example_indices'].tolist()}; pass "
-                                            f"--skip-nonfinite to skip such steps")
-                    logger.warning("skipping %s: non-finite loss or gradient (examples %s); %d skipped so far",
-                                   where, batch["example_indices"].tolist(), pos.skipped_steps)
-                else:
-                    lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged below)
-                    optimizer.step()
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                pos.global_step += 1
-                pos.step_in_epoch += 1
-                pairs_since += global_batch
-
-                if pos.global_step % cfg.log_steps == 0 or pos.global_step == total_steps:
-                    now = time.perf_counter()
-                    # mean over processes = the loss of the whole global batch (with gathered negatives)
-                    global_loss = float(accelerator.reduce(loss.detach(), "mean").item())
-                    record = {"step": pos.global_step, "epoch": pos.epoch, "loss": global_loss,
-                              "lr": lr, "pairs_per_s": pairs_since / (now - t_last),
-                              "grad_norm": None if grad_norm is None else float(grad_norm), "global_batch": global_batch,
-                              "negatives_per_anchor": negatives_per_anchor, "skipped_steps": pos.skipped_steps}
-                    metrics.write(record)
-                    info = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['pairs_per_s']:.0f} pairs/s  "
-                            f"batch {global_batch} ({negatives_per_anchor} neg/anchor)")
-                    progress.update(1, info=info)
-                    if not progress.live:  # no terminal (a log file, CI): a plain line instead of a bar
-                        logger.info("step %d/%d  %s", pos.global_step, total_steps, info)
-                    t_last, pairs_since = time.perf_counter(), 0
-                else:
-                    progress.update(1)
-                if cfg.eval_steps and pos.global_step % cfg.eval_steps == 0 and pos.global_step < total_steps:
-                    _eval_and_keep_best(evaluate, export, metrics, pos, out)
-                if stop_now or (cfg.save_steps and pos.global_step % cfg.save_steps == 0):
-                    path = _save(accelerator, cfg, out, pos, world, summary, export, scheduler)
-                    if stop_now:
-                        name = signal.Signals(stop.signum).name
-                        accelerator.print(f"{name} received: stopped after step {pos.global_step}; state saved "
-                                          f"in {path}. Resume with the same command plus --resume auto "
-                                          f"(or --resume {path}).")
-                        summary["interrupted"] = stop.signum
-                        return summary
-                    t_last, pairs_since = time.perf_counter(), 0
-                if pos.global_step >= total_steps:
-                    break
-            else:
-                pos.epoch += 1
-                pos.step_in_epoch = 0
-    finally:
-        progress.close()
-        stop.restore()
-
-    # ---- the end: final eval, model, summary ------------------------------------------------
-    summary["stsb_after"] = evaluate()
-    if summary["stsb_after"] is not None:
-        metrics.write({"step": pos.global_step, "stsb_spearman": summary["stsb_after"]})
-        if cfg.eval_steps:
-            _keep_best(summary["stsb_after"], export, pos, out)
-    if accelerator.is_main_process:
-        export(out, summary["stsb_after"])
-    distributed.barrier()
-    summary.update(steps=pos.global_step, skipped_steps=pos.skipped_steps, best_stsb=pos.best_score)
-    if summary["stsb_after"] is not None:
-        before = summary["stsb_before"]
-        accelerator.print(f"STSb validation Spearman after training: {summary['stsb_after']:.2f}"
-                          + (f" (before: {before:.2f})" if before is not None else ""))
-    accelerator.print(f"model saved to {out} ({pos.global_step} steps)")
-    accelerator.end_training()
-    return summary
-
-
-def _make_accelerator(cfg: TrainConfig):
-    """One Accelerator for the run (devices, DDP, precision come from the launch) and the tracker in use."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    report_to = cfg.report_to
-    if report_to == "auto":
-        from accelerate.utils import is_tensorboard_available
-
-        report_to = "tensorboard" if is_tensorboard_available() else "none"
-    accelerator = Accelerator(log_with=None if report_to == "none" else report_to, project_dir=cfg.output_dir,
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-                              cpu=_launched_without_device())
-    return accelerator, report_to
-
-
-def _launched_without_device() -> bool:
-    """A torchrun-style launch (`accelerate launch --multi_gpu --num_processes N`, WORLD_SIZE > 1) on a machine
-    where Accelerate finds no GPU-like device: without cpu=True Accelerate would give every process world size 1
-    (N independent runs); with it, the processes form one gloo group on the CPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return False
-    from accelerate import PartialState
-
-    if PartialState._shared_state:  # already set up (e.g. by a caller): keep it
-        return False
-    if PartialState().num_processes > 1:
-        return False
-    PartialState._reset_state()  # no process group was created: safe to set up again, on the CPU
-    return True
-
-
-def _check_backend(accelerator, cfg: TrainConfig) -> None:
-    """Refuse, before any work, what would silently train wrong under FSDP or DeepSpeed.
-
-    - GradCache runs several forwards/backwards per step; DeepSpeed steps the optimizer inside every
-      accelerator.backward and FSDP has no equivalent of DDP's no_sync here.
-    - FSDP and ZeRO-3 shard the parameters: the rank-0-only evaluation and export would see shards.
-      (The all-gather of negatives is unaffected: it gathers activations, not parameters.)
-    - DeepSpeed applies the optimizer step inside accelerator.backward, before the non-finite check.
-    """
-    kind = str(accelerator.distributed_type)
-    if cfg.mini_batch_size and ("DEEPSPEED" in kind or "FSDP" in kind):
-        raise TrainingError(f"--mini-batch-size (GradCache) is not supported under {kind}: its several forwards "
-                            f"per step need DDP's no_sync; use multi-GPU DDP or drop --mini-batch-size")
-    if "FSDP" in kind:
-        raise TrainingError(f"distributed_type={kind} is not supported: FSDP shards the parameters, so the "
-                            f"rank-0 evaluation and model export would see shards; use DDP "
-                            f"(accelerate_configs/multi_gpu.yaml) or DeepSpeed ZeRO-2 "
-                            f"(accelerate_configs/deepspeed_zero2.yaml)")
-    if "DEEPSPEED" in kind:
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        stage = ds.get("zero_optimization", {}).get("stage", 0)
-        if stage not in (0, 1, 2):
-            raise TrainingError(f"DeepSpeed zero_stage={stage} is not supported: ZeRO-3 shards the parameters, "
-                                f"so the rank-0 evaluation and export would see shards; use zero_stage 1 or 2")
-        if cfg.skip_nonfinite:
-            raise TrainingError("--skip-nonfinite is not supported under DeepSpeed: DeepSpeed applies the "
-                                "optimizer step inside backward, before mnr can check the loss")
-        ds["train_micro_batch_size_per_gpu"] = cfg.batch_size  # no DataLoader goes through prepare()
-        ds["gradient_accumulation_steps"] = 1
-        ds["gradient_clipping"] = cfg.max_grad_norm  # DeepSpeed clips inside its own step (0: no clipping)
-
-
-def _check_step(loss: torch.Tensor, grad_norm, signum: int, world: int) -> tuple[bool, bool]:
-    """One host sync per step: is the loss/gradient non-finite here or anywhere, and did any process get a
-    stop signal (all processes must agree, or one would wait forever in the next collective)."""
-    flags = torch.stack([(~torch.isfinite(loss.detach().float())).float(),
-                         (~torch.isfinite(torch.as_tensor(0.0 if grad_norm is None else grad_norm,  # None: DeepSpeed
-                                                          device=loss.device).float())).float(),
-                         torch.tensor(float(signum > 0), device=loss.device)])
-    if world > 1:
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    bad_loss, bad_grad, stop = flags.tolist()
-    return bool(bad_loss or bad_grad), bool(stop)
-
-
-def _eval_and_keep_best(evaluate, export, metrics: MetricsLog, pos: Position, out: Path) -> None:
-    score = evaluate()
-    if score is not None:
-        metrics.write({"step": pos.global_step, "stsb_spearman": score})
-        _keep_best(score, export, pos, out)
-
-
-def _keep_best(score: float, export, pos: Position, out: Path) -> None:
-    if math.isnan(score):  # constant similarities (a collapsed model): never "best"
-        return
-    if pos.best_score is None or score > pos.best_score:
-        pos.best_score = score
-        if distributed.rank() == 0:
-            export(out / "best", score)
-            logger.info("new best STSb %.2f at step %d -> %s", score, pos.global_step, out / "best")
-    distributed.barrier()
-
-
-def _save(accelerator, cfg: TrainConfig, out: Path, pos: Position, world: int, summary: dict, export,
-          scheduler) -> Path:
-    state = {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "global_step": pos.global_step,
-             "best_score": pos.best_score, "skipped_steps": pos.skipped_steps, "world_size": world,
-             "batch_size": cfg.batch_size, "seed": cfg.seed, "hard_negatives": cfg.hard_negatives,
-             "length_grouping": cfg.length_grouping, "stsb_before": summary.get("stsb_before"),
-             "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}}
-    path = save_checkpoint(accelerator, out, pos.global_step, state, export, cfg.save_total_limit)
-    logger.info("saved checkpoint %s", path)
-    return path
-
-
 def _find_resume(cfg: TrainConfig, out: Path) -> Path | None:
     if not cfg.resume:
         return None
@@ -496,23 +305,123 @@ def _find_resume(cfg: TrainConfig, out: Path) -> Path | None:
     return Path(cfg.resume)
 
 
-def _resume(accelerator, cfg: TrainConfig, checkpoint: Path, world: int, scheduler) -> Position:
-    """Decision: a resumed run must have the same world size, batch size, seed, pairs/triplets choice and
-    length grouping, because the data order and every process's RNG stream are functions of them; a change
-    stops with a clear message."""
+def _resume(t: Trainer, checkpoint: Path) -> TrainState:
+    """The checkpoint's state, after checking it has this run's shape (see RUN_SHAPE_KEYS)."""
     state = read_state(checkpoint)
-    for key, now in (("world_size", world), ("batch_size", cfg.batch_size), ("seed", cfg.seed),
-                     ("hard_negatives", cfg.hard_negatives), ("length_grouping", cfg.length_grouping)):
-        if state.get(key) != now:
-            raise CheckpointError(f"cannot resume from {checkpoint}: it was saved with {key}={state.get(key)!r}, "
-                                  f"this run has {key}={now!r}; resume with the same setting (or start a new run)")
-    load_checkpoint(accelerator, checkpoint)
-    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
-    logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state["global_step"],
-                state["epoch"], state["step_in_epoch"])
-    return Position(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"], global_step=state["global_step"],
-                    best_score=state.get("best_score"), skipped_steps=state.get("skipped_steps", 0),
-                    stsb_before=state.get("stsb_before"))
+    state.check_same_shape(run_shape(t.cfg, t.world), checkpoint)
+    load_checkpoint(t.accelerator, checkpoint)
+    t.scheduler.load_state_dict({**state.scheduler, "lr_lambdas": [None] * len(t.scheduler.lr_lambdas)})
+    logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.global_step, state.epoch,
+                state.step_in_epoch)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop's named stages
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _check_step(loss: torch.Tensor, grad_norm, signum: int) -> tuple[bool, bool]:
+    """One host sync per step: is the loss/gradient non-finite here or anywhere, and did any process get a
+    stop signal (all processes must agree, or one would wait forever in the next collective)."""
+    grad_norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, device=loss.device)  # None: DeepSpeed
+    flags = torch.stack([~torch.isfinite(loss.detach().float()), ~torch.isfinite(grad_norm.float()),
+                         torch.tensor(signum > 0, device=loss.device)])
+    bad_loss, bad_grad, stop = distributed.any_true(flags)
+    return bad_loss or bad_grad, stop
+
+
+def _skip_step(t: Trainer, batch: dict) -> None:
+    """A non-finite step: stop with where it happened, or (--skip-nonfinite) count and log it."""
+    st = t.state
+    st.skipped_steps += 1
+    where = f"step {st.global_step + 1} (epoch {st.epoch}, batch {st.step_in_epoch})"
+    if not t.cfg.skip_nonfinite:
+        raise TrainingError(f"non-finite loss or gradient at {where}; example indices of this process's batch: "
+                            f"{batch['example_indices'].tolist()}; pass --skip-nonfinite to skip such steps")
+    logger.warning("skipping %s: non-finite loss or gradient (examples %s); %d skipped so far", where,
+                   batch["example_indices"].tolist(), st.skipped_steps)
+
+
+def _log_step(t: Trainer, loss: torch.Tensor, grad_norm) -> None:
+    # mean over processes = the loss of the whole global batch (with gathered negatives)
+    record = {"step": t.state.global_step, "epoch": t.state.epoch, "loss": float(distributed.mean(loss.detach())),
+              "lr": t.lr, "pairs_per_s": t.throughput.rate(), "grad_norm": None if grad_norm is None else float(grad_norm),
+              "global_batch": t.global_batch, "negatives_per_anchor": t.negatives_per_anchor,
+              "skipped_steps": t.state.skipped_steps}
+    t.metrics.write(record)
+    info = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['pairs_per_s']:.0f} pairs/s  "
+            f"batch {t.global_batch} ({t.negatives_per_anchor} neg/anchor)")
+    t.progress.update(1, info=info)
+    if not t.progress.live:  # no terminal (a log file, CI): a plain line instead of a bar
+        logger.info("step %d/%d  %s", t.state.global_step, t.total_steps, info)
+    t.throughput.restart()
+
+
+def evaluate(t: Trainer) -> float | None:
+    """STS Spearman of the current model, the same on every process (None without eval data)."""
+    score = None
+    if t.eval_data is not None and distributed.is_main():
+        score = sts_spearman(t.accelerator.unwrap_model(t.model), t.tokenizer, t.eval_data, t.cfg.max_seq_length)
+    # Every process gets the main process's score (also a sync point): _keep_best runs, and syncs, on all of
+    # them; a score on one process only would leave it alone in its barrier while the others train on (a hang).
+    return distributed.all_gather_object(score)[0]
+
+
+def _evaluate_and_log(t: Trainer, when: str | None) -> float | None:
+    score = evaluate(t)
+    if score is not None:
+        t.metrics.write({"step": t.state.global_step, "stsb_spearman": score})
+        if when:
+            t.accelerator.print(f"STSb validation Spearman {when}: {score:.2f}")
+    return score
+
+
+def _eval_and_keep_best(t: Trainer) -> None:
+    score = _evaluate_and_log(t, None)
+    if score is not None:
+        _keep_best(t, score)
+
+
+def _keep_best(t: Trainer, score: float) -> None:
+    if math.isnan(score):  # constant similarities (a collapsed model): never "best"
+        return
+    st = t.state
+    if st.best_score is None or score > st.best_score:
+        st.best_score = score
+        if distributed.is_main():
+            export(t, t.out / "best", score)
+            logger.info("new best STSb %.2f at step %d -> %s", score, st.global_step, t.out / "best")
+    distributed.barrier()
+
+
+def export(t: Trainer, path: Path, score: float | None = None) -> None:
+    """The model as it is now, in HF + sentence-transformers layout with a model card (main process)."""
+    cfg = t.cfg
+    save_model(t.accelerator.unwrap_model(t.model), t.tokenizer, path, cfg.max_seq_length, card={
+        "base_model": cfg.model or "all-MiniLM-L6-v2", "train_data": cfg.train_data or "embedded SNLI sample",
+        "examples": t.examples, "hard_negatives": cfg.hard_negatives, "steps": t.state.global_step,
+        "global_batch_size": t.global_batch, "lr": cfg.lr, "scale": cfg.scale, "stsb_before": t.state.stsb_before,
+        "stsb_after": None if score is None else f"{score:.2f}", "eval_data": cfg.eval_data or "embedded STSb validation"})
+
+
+def save(t: Trainer) -> Path:
+    """A resumable checkpoint of this step (every process takes part)."""
+    t.state.scheduler = {k: v for k, v in t.scheduler.state_dict().items() if k != "lr_lambdas"}
+    path = save_checkpoint(t.accelerator, t.out, t.state.global_step, t.state, lambda p: export(t, p),
+                           t.cfg.save_total_limit)
+    logger.info("saved checkpoint %s", path)
+    return path
+
+
+def _report_stop(t: Trainer, path: Path) -> None:
+    name = signal.Signals(t.stop.signum).name
+    t.accelerator.print(f"{name} received: stopped after step {t.state.global_step}; state saved in {path}. "
+                        f"Resume with the same command plus --resume auto (or --resume {path}).")
+    t.summary["interrupted"] = t.stop.signum
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,6 +92,12 @@ def sts_file(tmp_path) -> Path:
     return write_tsv(tmp_path / "sts.tsv", ["sentence1", "sentence2", "score"], rows)
 
 
+def train_args(model, train, out, *extra) -> list[str]:
+    """Flags of a small, quiet, reproducible run of the tiny model; tests append what they vary (last wins)."""
+    return ["--model", str(model), "--train-data", str(train), "--output-dir", str(out), "--batch-size", "4",
+            "--max-seq-length", "32", "--report-to", "none", "--no-progress", "--seed", "0", *extra]
+
+
 def shared_file(rel: str) -> Path:
     path = SHARED_DATA / rel
     if not path.exists():

@@ -74,3 +74,15 @@ def test_bad_config_stops_before_any_model_is_loaded(capsys, monkeypatch):
     assert main(["--batch-size", "1"]) == 2
     err = capsys.readouterr().err
     assert "batch_size=1" in err and "Traceback" not in err
+
+
+def test_every_shipped_yaml_recipe_parses():
+    from conftest import REPO
+
+    recipes = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(recipes) >= 2
+    for path in recipes:
+        cfg = parse_config(["--config", str(path)])
+        assert cfg.model and cfg.train_data, path
+    large = parse_config(["--config", str(REPO / "configs" / "gradcache_8gpu.yaml")])
+    assert (large.batch_size, large.mini_batch_size, large.lr) == (1024, 64, 1e-4)

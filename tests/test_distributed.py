@@ -189,7 +189,7 @@ def _fake_accelerator(kind: str, zero_stage: int = 2):
 ])
 def test_fsdp_and_deepspeed_fail_clearly_where_they_would_train_wrong(kind, zero_stage, flags, message):
     from mnr.config import parse_config
-    from mnr.train import TrainingError, _check_backend
+    from mnr.launch import LaunchError as TrainingError, check_backend as _check_backend
 
     with pytest.raises(TrainingError, match=message):
         _check_backend(_fake_accelerator(kind, zero_stage), parse_config(["--batch-size", "8", *flags]))
@@ -197,7 +197,7 @@ def test_fsdp_and_deepspeed_fail_clearly_where_they_would_train_wrong(kind, zero
 
 def test_deepspeed_takes_batch_size_and_clipping_from_the_flags():
     from mnr.config import parse_config
-    from mnr.train import _check_backend
+    from mnr.launch import check_backend as _check_backend
 
     accelerator = _fake_accelerator("DEEPSPEED")
     _check_backend(accelerator, parse_config(["--batch-size", "8", "--max-grad-norm", "0.5"]))

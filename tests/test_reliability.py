@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, free_port, load_weights, max_abs_diff, nli_rows, write_tsv
+from conftest import REPO, free_port, load_weights, max_abs_diff, nli_rows, train_args, write_tsv
 from mnr.train import main
 
 WORKER = str(REPO / "tests" / "fault_worker.py")
@@ -23,9 +23,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONU
 
 
 def _args(model, train, out, *extra):
-    return ["--model", str(model), "--train-data", str(train), "--output-dir", str(out), "--batch-size", "4",
-            "--max-seq-length", "32", "--report-to", "none", "--no-progress", "--seed", "0", "--eval-data", "none",
-            "--lr", "1e-3", *extra]
+    return train_args(model, train, out, "--eval-data", "none", "--lr", "1e-3", *extra)
 
 
 @pytest.fixture()

@@ -12,9 +12,7 @@ from mnr.train import linear_schedule, main
 REPO_ROOT = __import__("conftest").REPO
 
 
-def _args(model, train, out, *extra):
-    return ["--model", str(model), "--train-data", str(train), "--output-dir", str(out), "--batch-size", "4",
-            "--max-seq-length", "32", "--report-to", "none", "--no-progress", "--seed", "0", *extra]
+from conftest import train_args as _args
 
 
 def test_schedule_warms_up_over_total_steps_and_decays_to_zero():

@@ -1,0 +1,80 @@
+"""Accelerate set-up: one Accelerator for the run, and the checks that refuse a launch that would train wrong."""
+
+from __future__ import annotations
+
+from mnr import distributed
+from mnr.config import TrainConfig
+
+
+class LaunchError(RuntimeError):
+    """The launch (processes, backend, tracker) cannot train this config correctly; the message says why."""
+
+
+def make_accelerator(cfg: TrainConfig):
+    """(accelerator, tracker in use): devices, DDP and precision come from the launch; checked before any work."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    report_to = cfg.report_to
+    if report_to == "auto":
+        from accelerate.utils import is_tensorboard_available
+
+        report_to = "tensorboard" if is_tensorboard_available() else "none"
+    accelerator = Accelerator(log_with=None if report_to == "none" else report_to, project_dir=cfg.output_dir,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+                              cpu=_launched_without_device())
+    launched = distributed.launched_world_size()
+    if launched > 1 and accelerator.num_processes != launched:
+        # N independent runs into one output dir would silently train N separate models
+        raise LaunchError(f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate set up "
+                          f"{accelerator.num_processes} ({accelerator.distributed_type}); check the accelerate config")
+    check_backend(accelerator, cfg)
+    return accelerator, report_to
+
+
+def _launched_without_device() -> bool:
+    """A torchrun-style launch (`accelerate launch --multi_gpu --num_processes N`, WORLD_SIZE > 1) on a machine
+    where Accelerate finds no GPU-like device: without cpu=True Accelerate would give every process world size 1
+    (N independent runs); with it, the processes form one gloo group on the CPU."""
+    if distributed.launched_world_size() < 2:
+        return False
+    from accelerate import PartialState
+
+    if PartialState._shared_state:  # already set up (e.g. by a caller): keep it
+        return False
+    if PartialState().num_processes > 1:
+        return False
+    PartialState._reset_state()  # no process group was created: safe to set up again, on the CPU
+    return True
+
+
+def check_backend(accelerator, cfg: TrainConfig) -> None:
+    """Refuse, before any work, what would silently train wrong under FSDP or DeepSpeed.
+
+    - GradCache runs several forwards/backwards per step; DeepSpeed steps the optimizer inside every
+      accelerator.backward and FSDP has no equivalent of DDP's no_sync here.
+    - FSDP and ZeRO-3 shard the parameters: the rank-0-only evaluation and export would see shards.
+      (The all-gather of negatives is unaffected: it gathers activations, not parameters.)
+    - DeepSpeed applies the optimizer step inside accelerator.backward, before the non-finite check.
+    """
+    kind = str(accelerator.distributed_type)
+    if cfg.mini_batch_size and ("DEEPSPEED" in kind or "FSDP" in kind):
+        raise LaunchError(f"--mini-batch-size (GradCache) is not supported under {kind}: its several forwards "
+                          f"per step need DDP's no_sync; use multi-GPU DDP or drop --mini-batch-size")
+    if "FSDP" in kind:
+        raise LaunchError(f"distributed_type={kind} is not supported: FSDP shards the parameters, so the "
+                          f"rank-0 evaluation and model export would see shards; use DDP "
+                          f"(accelerate_configs/multi_gpu.yaml) or DeepSpeed ZeRO-2 "
+                          f"(accelerate_configs/deepspeed_zero2.yaml)")
+    if "DEEPSPEED" in kind:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (0, 1, 2):
+            raise LaunchError(f"DeepSpeed zero_stage={stage} is not supported: ZeRO-3 shards the parameters, "
+                              f"so the rank-0 evaluation and export would see shards; use zero_stage 1 or 2")
+        if cfg.skip_nonfinite:
+            raise LaunchError("--skip-nonfinite is not supported under DeepSpeed: DeepSpeed applies the "
+                              "optimizer step inside backward, before mnr can check the loss")
+        ds["train_micro_batch_size_per_gpu"] = cfg.batch_size  # no DataLoader goes through prepare()
+        ds["gradient_accumulation_steps"] = 1
+        ds["gradient_clipping"] = cfg.max_grad_norm  # DeepSpeed clips inside its own step (0: no clipping)

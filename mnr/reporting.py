@@ -1,0 +1,120 @@
+"""What a run shows and hears: log set-up, metrics.jsonl (+ Accelerate trackers), the progress bar, stop signals.
+
+Everything that prints or writes is a no-op off the main process (`mnr.distributed.is_main`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from mnr import distributed
+
+
+def setup_logging(is_main: bool) -> None:
+    level = logging.INFO if is_main else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(level)
+    for noisy in ("transformers", "datasets", "httpx", "urllib3", "filelock", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+class MetricsLog:
+    """metrics.jsonl in the output dir (+ Accelerate trackers); main process only."""
+
+    def __init__(self, accelerator, path: Path):
+        self.accelerator = accelerator
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records of steps the crashed run did after its checkpoint (they are redone)."""
+        if not distributed.is_main() or not self.path.is_file():
+            return
+        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if not distributed.is_main():
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.accelerator.trackers:
+            self.accelerator.log(numbers, step=record.get("step"))
+
+
+class Progress:
+    """Rich progress bar on the main process (loss, lr, pairs/s, ETA); a no-op elsewhere or when disabled."""
+
+    def __init__(self, enabled: bool, total: int, completed: int):
+        self.bar = None
+        if enabled and distributed.is_main():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
+                TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                    TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task("train", total=total, completed=completed, info="")
+            self.bar.start()
+
+    @property
+    def live(self) -> bool:
+        return self.bar is not None and self.bar.console.is_terminal
+
+    def update(self, advance: int = 1, info: str | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=advance, **({"info": info} if info is not None else {}))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class StopRequest:
+    """SIGTERM / Ctrl-C: finish the current step, save, exit non-zero (second Ctrl-C kills at once)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread (e.g. a notebook worker): leave signals alone
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:  # second signal: give up now
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class Throughput:
+    """Pairs per second over the steps since the last log line (a checkpoint save restarts the clock)."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.started, self.pairs = time.perf_counter(), 0
+
+    def add(self, pairs: int) -> None:
+        self.pairs += pairs
+
+    def rate(self) -> float:
+        return self.pairs / max(time.perf_counter() - self.started, 1e-9)
