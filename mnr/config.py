@@ -133,23 +133,81 @@ OPTIONAL_FIELDS = {f.name for f in fields(TrainConfig) if f.type.endswith("| Non
 FIELD_NAMES = set(FIELD_TYPES)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="train_mnr.py",
-        description="Fine-tune a sentence-embedding model with Multiple Negatives Ranking loss. "
-        "Run as `python train_mnr.py` (one process) or `accelerate launch train_mnr.py` (any number). "
-        "Precision and devices come from Accelerate (--mixed_precision at launch or in its config).",
+# --help shows the flags in these groups, in this order (a test checks every field is in exactly one).
+HELP_GROUPS = {
+    "data": ["train_data", "hard_negatives", "max_seq_length", "cache_dir"],
+    "model": ["model", "trust_remote_code"],
+    "optimisation": ["batch_size", "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
+                     "scale", "symmetric", "mini_batch_size", "length_buckets", "length_grouping", "seed",
+                     "skip_nonfinite"],
+    "distributed": ["gather_negatives"],
+    "evaluation": ["eval_data", "eval_steps"],
+    "checkpoints": ["output_dir", "overwrite_output_dir", "save_steps", "save_total_limit", "resume"],
+    "logging": ["log_steps", "report_to", "progress"],
+    "config file": ["config"],
+}
+# Names users bring from other trainers (transformers, sentence-transformers) -> ours, for "did you mean".
+KNOWN_ALIASES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+                 "num_train_epochs": "epochs", "model_name_or_path": "model", "model_name": "model",
+                 "warmup": "warmup_ratio", "temperature": "scale", "max_length": "max_seq_length",
+                 "train_file": "train_data", "eval_file": "eval_data", "logging_steps": "log_steps",
+                 "resume_from_checkpoint": "resume", "gradient_checkpointing": "mini_batch_size",
+                 "mini_batch": "mini_batch_size", "output": "output_dir", "data": "train_data"}
+EXAMPLES = """examples:
+  python train_mnr.py        # embedded default: offline MiniLM on the shipped SNLI sample (same as: mnr-train)
+  python train_mnr.py --model bert-base-uncased --train-data snli,glue/mnli --no-hard-negatives
+  accelerate launch --num_processes 8 train_mnr.py --config configs/gradcache_8gpu.yaml
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: an unknown flag gets "did you mean", not a page of usage."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"error: {_suggest(message, self)} (see --help)\n")
+
+
+def _suggest(message: str, parser: argparse.ArgumentParser) -> str:
+    import difflib
+
+    if not message.startswith("unrecognized arguments:"):
+        return message
+    flags = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    parts = []
+    for typed in message.split(":", 1)[1].split():
+        if not typed.startswith("-"):
+            continue  # the value of an unknown flag (or a stray word): the flag is what to fix
+        name = typed.split("=", 1)[0]
+        bare = name.lstrip("-").replace("-", "_")
+        dashed = "--" + bare.replace("_", "-")
+        guess = ([f"--{KNOWN_ALIASES[bare].replace('_', '-')}"] if bare in KNOWN_ALIASES else [dashed]
+                 if dashed in flags else difflib.get_close_matches(dashed, flags, n=2, cutoff=0.75))
+        parts.append(f"unknown flag {name}" + (f"; did you mean {' / '.join(guess)}?" if guess else ""))
+    return "; ".join(parts) or message
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog,
+        usage="%(prog)s [--config FILE] [FLAGS ...]",
+        description="Fine-tune a sentence-embedding model with Multiple Negatives Ranking loss.\n"
+        "Run as `python train_mnr.py` or `mnr-train` (one process), or `accelerate launch train_mnr.py` (any\n"
+        "number). Precision and devices come from Accelerate (--mixed_precision at launch or in its config).",
         argument_default=argparse.SUPPRESS,  # only flags the user typed override the YAML file
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # --max-step must not silently mean --max-steps
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for f in fields(TrainConfig):
-        default = f.default
-        help_text = f.metadata["help"] + ("" if default in ("", None) else f" (default: {default})")
-        flag, kind = "--" + f.name.replace("_", "-"), FIELD_TYPES[f.name]
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=kind, help=help_text, metavar=f.name.upper())
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    for title, names in HELP_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            f = by_name[name]
+            help_text = f.metadata["help"] + ("" if f.default in ("", None) else f" (default: {f.default})")
+            flag, kind = "--" + name.replace("_", "-"), FIELD_TYPES[name]
+            if kind is bool:
+                group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+            else:
+                group.add_argument(flag, dest=name, type=kind, help=help_text, metavar=name.upper())
     return parser
 
 

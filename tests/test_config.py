@@ -86,3 +86,29 @@ def test_every_shipped_yaml_recipe_parses():
         assert cfg.model and cfg.train_data, path
     large = parse_config(["--config", str(REPO / "configs" / "gradcache_8gpu.yaml")])
     assert (large.batch_size, large.mini_batch_size, large.lr) == (1024, 64, 1e-4)
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--batch_size", "4"], "did you mean --batch-size?"),
+    (["--learning-rate", "1e-4"], "did you mean --lr?"),
+    (["--max-step", "3"], "did you mean --max-steps?"),  # an abbreviation is a typo, not a silent match
+    (["--no-hard-neg"], "did you mean --no-hard-negatives?"),
+])
+def test_a_typo_gets_one_line_naming_the_flag_it_meant(argv, hint, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_config(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: unknown flag") and hint in err
+
+
+def test_help_groups_every_flag_and_ends_with_examples():
+    from mnr.config import HELP_GROUPS
+
+    grouped = [name for names in HELP_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(TrainConfig.__dataclass_fields__)  # each field in exactly one group
+    text = build_parser().format_help()
+    for title in ("data:", "model:", "optimisation:", "distributed:", "evaluation:", "checkpoints:", "logging:"):
+        assert "\n" + title in text
+    assert text.rstrip().splitlines()[-1].strip().startswith("accelerate launch")
+    assert "mnr-train" in build_parser(prog="mnr-train").format_usage()
