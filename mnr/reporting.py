@@ -51,11 +51,16 @@ class MetricsLog:
 
 
 class Progress:
-    """Rich progress bar on the main process (loss, lr, pairs/s, ETA); a no-op elsewhere or when disabled."""
+    """Rich progress bar on the main process at a terminal (loss, lr, pairs/s, ETA); a no-op elsewhere, when
+    disabled, or without a terminal (a log file, CI), where the loop logs a plain line per log step instead."""
 
     def __init__(self, enabled: bool, total: int, completed: int):
         self.bar = None
         if enabled and distributed.is_main():
+            from rich.console import Console
+
+            if not Console(stderr=False).is_terminal:
+                return  # a bar rendered into a file leaves a cut-off line at the end of the log
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
                 TimeElapsedColumn, TimeRemainingColumn
 
@@ -67,7 +72,7 @@ class Progress:
 
     @property
     def live(self) -> bool:
-        return self.bar is not None and self.bar.console.is_terminal
+        return self.bar is not None
 
     def update(self, advance: int = 1, info: str | None = None) -> None:
         if self.bar is not None:
@@ -104,17 +109,31 @@ class StopRequest:
         self._previous.clear()
 
 
-class Throughput:
-    """Pairs per second over the steps since the last log line (a checkpoint save restarts the clock)."""
+class LogWindow:
+    """The steps since the last log line: pairs/s and the mean loss over those steps (a log line that showed
+    only the last step's loss would make a run look like it diverges). A save restarts the clock only."""
 
     def __init__(self) -> None:
-        self.restart()
+        self.loss_sum, self.steps = None, 0
+        self.restart_clock()
 
-    def restart(self) -> None:
+    def restart_clock(self) -> None:
         self.started, self.pairs = time.perf_counter(), 0
 
-    def add(self, pairs: int) -> None:
+    def add(self, loss, pairs: int) -> None:
+        """loss: this step's (local, detached) loss tensor, or None for a skipped step (not averaged)."""
         self.pairs += pairs
+        if loss is not None:  # kept on the device: no host sync until the log line
+            self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+            self.steps += 1
 
     def rate(self) -> float:
         return self.pairs / max(time.perf_counter() - self.started, 1e-9)
+
+    def mean_loss(self):
+        """Mean of this process's losses over the window (a tensor), or None when every step was skipped."""
+        return None if self.loss_sum is None else self.loss_sum / self.steps
+
+    def reset(self) -> None:
+        self.loss_sum, self.steps = None, 0
+        self.restart_clock()

@@ -29,7 +29,7 @@ from mnr.gradcache import cached_loss_and_backward
 from mnr.launch import LaunchError, make_accelerator
 from mnr.loss import mnr_loss, split_roles
 from mnr.model import ModelError, load_encoder, max_positions, resolve_model_path, save_model
-from mnr.reporting import MetricsLog, Progress, StopRequest, Throughput, setup_logging
+from mnr.reporting import LogWindow, MetricsLog, Progress, StopRequest, setup_logging
 
 logger = logging.getLogger("mnr")
 RUN_MARKER = "mnr_run.json"  # the config and world size of the run that wrote this output dir
@@ -63,7 +63,7 @@ class Trainer:
     gather: bool  # score against the candidates of every process
     stop: StopRequest = field(default_factory=StopRequest)
     progress: Progress | None = None
-    throughput: Throughput = field(default_factory=Throughput)
+    window: LogWindow = field(default_factory=LogWindow)  # the steps since the last log line
     lr: float = 0.0  # the rate the last optimizer step used (logged)
     summary: dict = field(default_factory=dict)
 
@@ -104,7 +104,7 @@ def train(t: Trainer) -> bool:
     """The loop. Returns False when a stop signal ended it early (the state is saved then)."""
     cfg, st = t.cfg, t.state
     t.model.train()
-    t.throughput.restart()
+    t.window.reset()
     t.lr = t.scheduler.get_last_lr()[0]
     while st.global_step < t.total_steps:
         for batch in make_loader(t.sampler, t.collator, st.epoch, st.step_in_epoch):
@@ -123,10 +123,11 @@ def train(t: Trainer) -> bool:
             t.optimizer.zero_grad(set_to_none=True)
             st.global_step += 1
             st.step_in_epoch += 1
-            t.throughput.add(t.global_batch)
+            t.window.add(None if bad_step else loss.detach(), t.global_batch)
             # log
             if st.global_step % cfg.log_steps == 0 or st.global_step == t.total_steps:
                 _log_step(t, loss, grad_norm)
+                t.window.reset()
             else:
                 t.progress.update(1)
             # evaluate
@@ -135,7 +136,7 @@ def train(t: Trainer) -> bool:
             # save
             if stop_now or (cfg.save_steps and st.global_step % cfg.save_steps == 0):
                 path = save(t)
-                t.throughput.restart()
+                t.window.restart_clock()
             # stop
             if stop_now:
                 _report_stop(t, path)
@@ -224,8 +225,9 @@ def setup(cfg: TrainConfig) -> Trainer:
         (out / RUN_MARKER).write_text(json.dumps({"config": cfg.to_dict(), "world_size": world}, indent=2))
     left_over = examples - sampler.steps_in_epoch(0) * t.global_batch
     logger.info("%d examples -> %d global batches of %d per epoch (%d wait for the next epoch's reshuffle); "
-                "%d steps; %d processes x %d; %d negatives per anchor%s", examples, sampler.steps_in_epoch(0),
-                t.global_batch, left_over, total_steps, world, cfg.batch_size, t.negatives_per_anchor,
+                "%d steps; %d process%s x %d; %d negatives per anchor%s", examples, sampler.steps_in_epoch(0),
+                t.global_batch, left_over, total_steps, world, "es" if world > 1 else "", cfg.batch_size,
+                t.negatives_per_anchor,
                 " (gathered from all processes)" if t.gather and world > 1 else "")
     t.summary = {"output_dir": str(out), "total_steps": total_steps, "examples": examples,
                  "global_batch_size": t.global_batch, "negatives_per_anchor": t.negatives_per_anchor}
@@ -347,18 +349,20 @@ def _skip_step(t: Trainer, batch: dict) -> None:
 
 
 def _log_step(t: Trainer, loss: torch.Tensor, grad_norm) -> None:
-    # mean over processes = the loss of the whole global batch (with gathered negatives)
-    record = {"step": t.state.global_step, "epoch": t.state.epoch, "loss": float(distributed.mean(loss.detach())),
-              "lr": t.lr, "pairs_per_s": t.throughput.rate(), "grad_norm": None if grad_norm is None else float(grad_norm),
-              "global_batch": t.global_batch, "negatives_per_anchor": t.negatives_per_anchor,
-              "skipped_steps": t.state.skipped_steps}
+    """One metrics record and progress line: the mean loss over the steps since the last log line (over all
+    processes: the loss of the whole global batches, gathered negatives included) and the last step's."""
+    window_loss = t.window.mean_loss()
+    mean_loss = float("nan") if window_loss is None else float(distributed.mean(window_loss))
+    record = {"step": t.state.global_step, "epoch": t.state.epoch, "loss": mean_loss,
+              "loss_last_step": float(distributed.mean(loss.detach())), "lr": t.lr, "pairs_per_s": t.window.rate(),
+              "grad_norm": None if grad_norm is None else float(grad_norm), "global_batch": t.global_batch,
+              "negatives_per_anchor": t.negatives_per_anchor, "skipped_steps": t.state.skipped_steps}
     t.metrics.write(record)
     info = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['pairs_per_s']:.0f} pairs/s  "
             f"batch {t.global_batch} ({t.negatives_per_anchor} neg/anchor)")
     t.progress.update(1, info=info)
-    if not t.progress.live:  # no terminal (a log file, CI): a plain line instead of a bar
+    if not t.progress.live:  # no bar (a log file, CI): a plain line instead
         logger.info("step %d/%d  %s", t.state.global_step, t.total_steps, info)
-    t.throughput.restart()
 
 
 def evaluate(t: Trainer) -> float | None:

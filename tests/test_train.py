@@ -135,3 +135,30 @@ def test_tensorboard_tracker_gets_the_metrics(tmp_path, tiny_model, nli_file):
     acc.Reload()
     assert {"loss", "lr", "pairs_per_s"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("loss")] == [1, 2]
+
+
+def test_logged_loss_is_the_mean_over_the_steps_since_the_last_log_line(tmp_path, tiny_model, nli_file):
+    every = tmp_path / "every"
+    pairs = tmp_path / "pairs"
+    common = ("--max-steps", "4", "--eval-data", "none", "--lr", "1e-3", "--cache-dir", str(tmp_path / "c"))
+    assert main(_args(tiny_model, nli_file, every, *common, "--log-steps", "1")) == 0
+    assert main(_args(tiny_model, nli_file, pairs, *common, "--log-steps", "2")) == 0
+    per_step = [json.loads(x)["loss"] for x in (every / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(x) for x in (pairs / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [2, 4]
+    for record, (a, b) in zip(logged, [per_step[0:2], per_step[2:4]]):
+        assert record["loss"] == pytest.approx((a + b) / 2, abs=1e-6)
+        assert record["loss_last_step"] == pytest.approx(b, abs=1e-6)
+    assert per_step[0] != pytest.approx(per_step[1], abs=1e-6)  # the mean is not just one of them
+
+
+def test_without_a_terminal_the_log_has_plain_step_lines_and_no_bar(tmp_path, tiny_model, nli_file):
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "train_mnr.py"), *_args(
+        tiny_model, nli_file, out, "--max-steps", "2", "--log-steps", "1", "--eval-data", "none", "--progress",
+        "--cache-dir", str(tmp_path / "c"))], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = proc.stdout + proc.stderr
+    assert "step 1/2  loss" in log and "step 2/2  loss" in log
+    assert "━" not in log and "\r" not in log  # no bar rendered into the file
+    assert "1 process x 4" in log
