@@ -59,6 +59,10 @@ class TrainConfig:
     symmetric: bool = _f(False, "also rank each positive against all anchors (symmetric MNR)")
     gather_negatives: bool | None = _f(None, "score against the candidates of every process (default: on when "
                                        "more than one process runs)")
+    matryoshka_dims: str = _f("", "Matryoshka: comma-separated embedding sizes trained at once, e.g. 384,256,128,64; "
+                              "the loss is the weighted sum of MNR on each truncated, re-normalised embedding "
+                              "(empty: the full size only)")
+    matryoshka_weights: str = _f("", "comma-separated weights of --matryoshka-dims (empty: 1 each)")
     mini_batch_size: int = _f(0, "GradCache: embed the batch in chunks of this size (0: no caching)")
     length_buckets: int = _f(4, "run each forward in this many length-sorted chunks, each padded to its own "
                              "longest text: same loss, fewer padded tokens (1: one padded forward; see BENCHMARKS.md)")
@@ -114,8 +118,24 @@ class TrainConfig:
         need(bool(self.output_dir.strip()), "output_dir", "must not be empty")
         need(self.report_to in ("auto", "none", "tensorboard", "wandb", "all"), "report_to",
              "allowed: auto, none, tensorboard, wandb, all")
+        need(all(d.isdigit() and int(d) > 0 for d in _items(self.matryoshka_dims)), "matryoshka_dims",
+             "comma-separated positive whole numbers, e.g. 384,256,128,64")
+        need(len(set(_items(self.matryoshka_dims))) == len(_items(self.matryoshka_dims)), "matryoshka_dims",
+             "each size once")
+        need(not self.matryoshka_weights or (len(_items(self.matryoshka_weights)) == len(_items(self.matryoshka_dims))
+             and all(_positive_number(w) for w in _items(self.matryoshka_weights))), "matryoshka_weights",
+             f"one positive number per --matryoshka-dims entry ({len(_items(self.matryoshka_dims))})")
         if self.resume and self.resume != "auto":
             need(Path(self.resume).is_dir(), "resume", "'auto' or an existing checkpoint directory")
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """--matryoshka-dims as numbers (empty: the full embedding only)."""
+        return tuple(int(d) for d in _items(self.matryoshka_dims))
+
+    @property
+    def dim_weights(self) -> tuple[float, ...]:
+        return tuple(float(w) for w in _items(self.matryoshka_weights)) or (1.0,) * len(self.dims)
 
     @property
     def n_roles(self) -> int:
@@ -124,6 +144,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _items(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return 0 < float(text) < float("inf")
+    except ValueError:
+        return False
 
 
 _KINDS = {"int": int, "float": float, "bool": bool, "str": str}
@@ -138,7 +169,7 @@ HELP_GROUPS = {
     "data": ["train_data", "hard_negatives", "max_seq_length", "cache_dir"],
     "model": ["model", "trust_remote_code"],
     "optimisation": ["batch_size", "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
-                     "scale", "symmetric", "mini_batch_size", "length_buckets", "length_grouping", "seed",
+                     "scale", "symmetric", "matryoshka_dims", "matryoshka_weights", "mini_batch_size", "length_buckets", "length_grouping", "seed",
                      "skip_nonfinite"],
     "distributed": ["gather_negatives"],
     "evaluation": ["eval_data", "eval_steps"],

@@ -6,7 +6,7 @@ tokenizer or (except through the injected `gather`) a process group.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,8 @@ def mnr_loss(
     symmetric: bool = False,
     gather: Gather = _identity,
     rank: int = 0,
+    dims: Sequence[int] | None = None,
+    dim_weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """MNR loss of this process's anchors against the candidates of every process.
 
@@ -46,21 +48,35 @@ def mnr_loss(
         matrix is [positives of all processes; negatives of all processes].
     rank: this process's index; its positives sit at rows rank*B ... rank*B + B - 1.
     symmetric: also rank each positive against the anchors of all processes, averaging both losses.
+    dims (Matryoshka): the loss is sum_k dim_weights[k] * MNR of the first dims[k] coordinates, each
+        truncation re-normalised, all scored against the same gathered candidates (weights default to 1).
+        None: the full embedding only.
     """
     local_batch = anchors.shape[0]
     offset = rank * local_batch
-    anchors = F.normalize(anchors, dim=-1)
-    positives = F.normalize(positives, dim=-1)
+    # Gather the raw embeddings once; normalising rows after the gather equals normalising before it, and
+    # lets every Matryoshka truncation reuse the same gathered candidates.
     all_positives = gather(positives)  # (N*B, d)
     if all_positives.shape[0] < 2:
         raise ValueError(f"MNR needs at least 2 pairs per (global) batch to have a negative, got {all_positives.shape[0]}")
-    candidates = all_positives
-    if negatives is not None:
-        candidates = torch.cat([all_positives, gather(F.normalize(negatives, dim=-1))], dim=0)  # (2*N*B, d)
-    loss = ranking_loss(anchors, candidates, scale, offset)
-    if symmetric:
-        all_anchors = gather(anchors)  # (N*B, d)
-        loss = (loss + ranking_loss(positives, all_anchors, scale, offset)) / 2
+    all_negatives = gather(negatives) if negatives is not None else None  # (N*B, d)
+    all_anchors = gather(anchors) if symmetric else None  # (N*B, d)
+    dims = list(dims) if dims else [anchors.shape[-1]]
+    weights = list(dim_weights) if dim_weights else [1.0] * len(dims)
+    if len(weights) != len(dims):
+        raise ValueError(f"dim_weights has {len(weights)} values for {len(dims)} dims")
+    loss = anchors.new_zeros(())
+    for dim, weight in zip(dims, weights):
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return F.normalize(t[:, :dim], dim=-1)
+
+        candidates = cut(all_positives)  # (N*B, dim)
+        if all_negatives is not None:
+            candidates = torch.cat([candidates, cut(all_negatives)], dim=0)  # (2*N*B, dim)
+        at_dim = ranking_loss(cut(anchors), candidates, scale, offset)
+        if symmetric:
+            at_dim = (at_dim + ranking_loss(cut(positives), cut(all_anchors), scale, offset)) / 2
+        loss = loss + weight * at_dim
     return loss
 
 

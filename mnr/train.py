@@ -158,7 +158,7 @@ def train_step(t: Trainer, batch: dict) -> torch.Tensor:
         roles = split_roles(embeddings, t.cfg.n_roles)
         return mnr_loss(roles[0], roles[1], roles[2] if t.cfg.n_roles == 3 else None, scale=t.cfg.scale,
                         symmetric=t.cfg.symmetric, gather=distributed.all_gather_with_grad if t.gather else _same,
-                        rank=distributed.rank() if t.gather else 0)
+                        rank=distributed.rank() if t.gather else 0, dims=t.cfg.dims, dim_weights=t.cfg.dim_weights)
 
     if t.cfg.mini_batch_size:  # GradCache: chunks of mini_batch_size rows, the gradient of the whole batch
         return cached_loss_and_backward(t.model, input_ids, attention_mask, t.cfg.mini_batch_size,
@@ -240,6 +240,10 @@ def _setup_model(cfg: TrainConfig):
     limit = max_positions(encoder)
     if limit is not None and cfg.max_seq_length > limit:
         raise TrainingError(f"max_seq_length={cfg.max_seq_length} exceeds the model's position limit ({limit} tokens)")
+    width = getattr(encoder.config, "hidden_size", None)
+    if width is not None and cfg.dims and max(cfg.dims) > width:
+        raise TrainingError(f"matryoshka_dims={cfg.matryoshka_dims!r} is invalid: the model's embeddings have "
+                            f"{width} dimensions")
     return encoder, tokenizer
 
 

@@ -87,9 +87,11 @@ def gradcache_checks(accelerator, model_path: str, local_batch: int = 4, mini_ba
         return batch["input_ids"], batch["attention_mask"]
 
     results = {}
-    for symmetric in (False, True):
+    cases = {"triplets": {}, "symmetric": {"symmetric": True},
+             "matryoshka": {"dims": (32, 16, 8), "dim_weights": (1.0, 0.5, 0.25)}}  # the tiny model is 32-d
+    for case, options in cases.items():
         def loss_fn(embeddings, gather=distributed.all_gather_with_grad, rank=rank):
-            return mnr_loss(*split_roles(embeddings, len(roles)), symmetric=symmetric, gather=gather, rank=rank)
+            return mnr_loss(*split_roles(embeddings, len(roles)), gather=gather, rank=rank, **options)
 
         ids, mask = tokens(slice(rank * local_batch, (rank + 1) * local_batch))
         loss = loss_fn(model(ids, mask))
@@ -107,7 +109,7 @@ def gradcache_checks(accelerator, model_path: str, local_batch: int = 4, mini_ba
         single = loss_fn(reference(full_ids, full_mask), gather=lambda t: t, rank=0)
         single.backward()
         single_grads = [p.grad.clone() for p in reference.parameters()]
-        results["symmetric" if symmetric else "triplets"] = {
+        results[case] = {
             "loss": float(loss), "cached_loss": float(cached_loss), "single_loss_all": float(single),
             "cached_vs_uncached": max_diff(cached, uncached), "uncached_vs_single": max_diff(uncached, single_grads),
             "cached_vs_single": max_diff(cached, single_grads),

@@ -108,14 +108,17 @@ def test_gathered_gradient_over_n_equals_single_process_gradient(worker, case):
 # ---- GradCache with 2 processes --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["triplets", "symmetric"])
+@pytest.mark.parametrize("case", ["triplets", "symmetric", "matryoshka"])
 def test_gradcache_two_processes_matches_uncached_and_single_process(worker, case):
+    from test_gradcache import tolerance  # 1e-5, growing with the gradient above 2 (Matryoshka's are larger)
+
     for r in worker:
         res = r["gradcache"][case]
+        bound = tolerance(res["grad_max"])
         assert res["cached_loss"] == pytest.approx(res["loss"], abs=1e-6)
-        assert res["cached_vs_uncached"] < 1e-5, res
-        assert res["uncached_vs_single"] < 1e-5, res  # DDP model gradient == whole-batch single process
-        assert res["cached_vs_single"] < 1e-5, res
+        assert res["cached_vs_uncached"] < bound, res
+        assert res["uncached_vs_single"] < bound, res  # DDP model gradient == whole-batch single process
+        assert res["cached_vs_single"] < bound, res
 
 
 # ---- proofs 2 and 3: weights after 3 AdamW steps ---------------------------------------------------------

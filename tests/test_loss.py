@@ -82,3 +82,20 @@ def test_split_roles_checks_shape():
     assert [t.shape[0] for t in split_roles(torch.randn(9, 2), 3)] == [3, 3, 3]
     with pytest.raises(ValueError):
         split_roles(torch.randn(7, 2), 3)
+
+
+def test_matryoshka_is_the_weighted_sum_of_the_loss_at_each_truncation_renormalised():
+    torch.manual_seed(3)
+    a, p, n = (torch.randn(6, 12, dtype=torch.float64) for _ in range(3))
+    expected = sum(w * tutorial_loop(a[:, :d], p[:, :d], n[:, :d]) for d, w in [(12, 1.0), (6, 0.5), (3, 2.0)])
+    got = mnr_loss(a, p, n, dims=(12, 6, 3), dim_weights=(1.0, 0.5, 2.0))
+    assert abs(got.item() - expected.item()) < 1e-9
+    # a truncation is re-normalised: scaling the kept coordinates of one row changes nothing
+    b = a.clone()
+    b[0, :3] *= 7.0
+    assert abs(mnr_loss(b, p, n, dims=(3,)).item() - mnr_loss(a, p, n, dims=(3,)).item()) < 1e-9
+    # default weights are 1, and one full-size dim is the plain loss
+    assert abs(mnr_loss(a, p, dims=(12, 6)).item() - (mnr_loss(a[:, :12], p) + mnr_loss(a[:, :6], p[:, :6])).item()) < 1e-9
+    assert mnr_loss(a, p, n, dims=(12,)).item() == mnr_loss(a, p, n).item()
+    with pytest.raises(ValueError, match="dim_weights"):
+        mnr_loss(a, p, dims=(12, 6), dim_weights=(1.0,))

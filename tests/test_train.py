@@ -162,3 +162,15 @@ def test_without_a_terminal_the_log_has_plain_step_lines_and_no_bar(tmp_path, ti
     assert "step 1/2  loss" in log and "step 2/2  loss" in log
     assert "━" not in log and "\r" not in log  # no bar rendered into the file
     assert "1 process x 4" in log
+
+
+def test_matryoshka_run_trains_and_a_size_above_the_model_is_refused(tmp_path, tiny_model, nli_file, capsys):
+    common = ("--max-steps", "2", "--eval-data", "none", "--cache-dir", str(tmp_path / "c"))
+    assert main(_args(tiny_model, nli_file, tmp_path / "m", *common, "--matryoshka-dims", "32,16,8",
+                      "--matryoshka-weights", "1,1,1")) == 0
+    plain = tmp_path / "p"
+    assert main(_args(tiny_model, nli_file, plain, *common)) == 0
+    first = lambda out: json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]  # noqa: E731
+    assert first(tmp_path / "m") > first(plain)  # three losses summed, same first batch
+    assert main(_args(tiny_model, nli_file, tmp_path / "x", *common, "--matryoshka-dims", "64,16")) == 2
+    assert "the model's embeddings have 32 dimensions" in capsys.readouterr().err
