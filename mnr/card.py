@@ -220,5 +220,6 @@ def _usage(info: dict, path: str) -> list[str]:
               "embeddings = pool(output.last_hidden_state, batch['attention_mask'])"]
     if info.get("normalize"):
         lines.append("embeddings = F.normalize(embeddings, p=2, dim=1)")
-    lines += ["```", ""]
+    lines += ["```", "", ("`output.pooler_output` is not the sentence embedding: mnr does not train the pooler head "
+                          "(its weights are the base model's)."), ""]
     return lines
