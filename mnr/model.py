@@ -140,7 +140,7 @@ def load_encoder(model: str, trust_remote_code: bool = False) -> tuple[Encoder, 
     transformers.utils.logging.disable_progress_bar()
     path = resolve_model_path(model)
     check_model_dir(path)
-    pipeline = read_pipeline(path, model)
+    pipeline = read_pipeline(path)
     verbosity = transformers.utils.logging.get_verbosity()
     # A base saved without pooler weights (they are initialised here, see _take_out_pooler) gets a load report.
     transformers.utils.logging.set_verbosity_error()
@@ -193,15 +193,15 @@ def _read_json(path: str, name: str) -> dict | list:
     return json.loads(found.read_text(encoding="utf-8")) if found else {}
 
 
-def base_hub_id(path: str, model: str = "") -> str:
+def base_hub_id(path: str) -> str:
     """The hub id a model was loaded from, when it can be known: a hub id itself, the embedded MiniLM, or a
     hub-cache snapshot directory (.../models--owner--name/snapshots/<hash>); else the local path."""
     if not Path(path).exists():
         return path
     try:
-        if model == "" or Path(path).resolve() == Path(resolve_model_path("")).resolve():
+        if Path(path).resolve() == Path(resolve_model_path("")).resolve():
             return EMBEDDED_HUB_ID
-    except ModelError:
+    except ModelError:  # the embedded model's package is not installed
         pass
     parts = Path(path).resolve().parts
     if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
@@ -209,10 +209,10 @@ def base_hub_id(path: str, model: str = "") -> str:
     return path
 
 
-def read_pipeline(path: str, model: str = "") -> Pipeline:
+def read_pipeline(path: str) -> Pipeline:
     """The base model's sentence-transformers pipeline; ModelError for one mnr cannot train and export
     faithfully (modules other than Transformer -> Pooling [-> Normalize], poolings other than mean or cls)."""
-    pipeline = Pipeline(base_model=base_hub_id(path, model), license=_front_matter(path).get("license"))
+    pipeline = Pipeline(base_model=base_hub_id(path), license=_front_matter(path).get("license"))
     modules = _read_json(path, "modules.json")
     if not modules:
         return pipeline

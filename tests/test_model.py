@@ -226,3 +226,21 @@ def test_minilm_export_is_the_base_model_until_trained(tmp_path):
     assert torch.allclose(embeddings.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-5)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card and "license: apache-2.0" in card
+
+
+def test_pipeline_saved_by_sentence_transformers_6_is_read_too(tiny_model, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    SentenceTransformer(str(st_base(tiny_model, tmp_path / "base")), device="cpu").save(str(tmp_path / "st6"))
+    assert "pooling_mode" in json.loads((tmp_path / "st6" / "1_Pooling" / "config.json").read_text())
+    pipe = load_encoder(str(tmp_path / "st6"))[0].pipeline
+    assert (pipe.pooling, pipe.normalize, pipe.similarity_fn_name) == ("cls", True, "dot")
+
+
+def test_base_hub_id_of_a_hub_cache_snapshot(tmp_path):
+    from mnr.model import base_hub_id
+
+    snapshot = tmp_path / "hub" / "models--owner--some-model" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    assert base_hub_id(str(snapshot)) == "owner/some-model"
+    assert base_hub_id("owner/not-here") == "owner/not-here" and base_hub_id(str(tmp_path)) == str(tmp_path)
