@@ -183,7 +183,7 @@ def _evaluation(info: dict) -> list[str]:
 
 
 def _guess_scale(*values) -> int:
-    return 100 if any(v is not None and abs(float(v)) > 1.0 for v in values) else 1
+    return 100 if any(abs(_number(v) or 0.0) > 1.0 for v in values) else 1
 
 
 def format_metric(value, scale: int = 100) -> str:
