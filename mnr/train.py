@@ -60,6 +60,8 @@ class Trainer:
     out: Path
     total_steps: int
     examples: int
+    data_stats: str  # what happened to every row read (kept / skipped, by reason)
+    eval_name: str  # how the evaluation set is named in logs and the card
     gather: bool  # score against the candidates of every process
     stop: StopRequest = field(default_factory=StopRequest)
     progress: Progress | None = None
@@ -179,7 +181,7 @@ def finish(t: Trainer) -> dict:
     st = t.state
     t.summary.update(stsb_after=after, steps=st.global_step, skipped_steps=st.skipped_steps, best_stsb=st.best_score)
     if after is not None:
-        t.accelerator.print(f"STSb validation Spearman after training: {after:.2f}"
+        t.accelerator.print(f"STS Spearman on {t.eval_name} after training: {after:.2f}"
                             + (f" (before: {st.stsb_before:.2f})" if st.stsb_before is not None else ""))
     t.accelerator.print(f"model saved to {t.out} ({st.global_step} steps)")
     t.accelerator.end_training()
@@ -200,7 +202,7 @@ def setup(cfg: TrainConfig) -> Trainer:
     resume_from = _find_resume(cfg, out)
     set_seed(cfg.seed)
     encoder, tokenizer = _setup_model(cfg)
-    sampler, collator, examples = _setup_data(cfg, tokenizer, accelerator)
+    sampler, collator, examples, data_stats = _setup_data(cfg, tokenizer, accelerator)
     eval_data = None if cfg.eval_data.lower() == "none" else load_sts(cfg.eval_data or str(EMBEDDED_EVAL))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else sum(sampler.steps_in_epoch(e) for e in range(cfg.epochs))
     optimizer = torch.optim.AdamW(param_groups(encoder, cfg.weight_decay), lr=cfg.lr)
@@ -216,7 +218,8 @@ def setup(cfg: TrainConfig) -> Trainer:
     t = Trainer(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
                 scheduler=scheduler, sampler=sampler, collator=collator, eval_data=eval_data,
                 metrics=MetricsLog(accelerator, out / "metrics.jsonl"), state=TrainState(shape=run_shape(cfg, world)),
-                out=out, total_steps=total_steps, examples=examples,
+                out=out, total_steps=total_steps, examples=examples, data_stats=data_stats,
+                eval_name=Path(cfg.eval_data).name if cfg.eval_data else "stsb_validation (embedded)",
                 gather=cfg.gather_negatives if cfg.gather_negatives is not None else world > 1)
     if resume_from is not None:
         t.state = _resume(t, resume_from)
@@ -247,7 +250,7 @@ def _setup_model(cfg: TrainConfig):
     return encoder, tokenizer
 
 
-def _setup_data(cfg: TrainConfig, tokenizer, accelerator) -> tuple[GlobalBatchSampler, Collator, int]:
+def _setup_data(cfg: TrainConfig, tokenizer, accelerator) -> tuple[GlobalBatchSampler, Collator, int, str]:
     """Examples -> token ids (cached) -> this process's sampler and the collator."""
     train_spec = cfg.train_data or str(EMBEDDED_TRAIN)
     with accelerator.main_process_first():  # the main process tokenises and fills the cache; the others read it
@@ -256,7 +259,7 @@ def _setup_data(cfg: TrainConfig, tokenizer, accelerator) -> tuple[GlobalBatchSa
     logger.info("train data %s: %s", train_spec, stats.summary())
     sampler = GlobalBatchSampler(data.text_ids, cfg.batch_size, accelerator.num_processes, distributed.rank(),
                                  cfg.seed, example_lengths(data.token_ids, data.text_ids), cfg.length_grouping)
-    return sampler, Collator(data.token_ids, data.text_ids, tokenizer.pad_token_id), len(data)
+    return sampler, Collator(data.token_ids, data.text_ids, tokenizer.pad_token_id), len(data), stats.summary()
 
 
 def linear_schedule(total_steps: int, warmup_steps: int):
@@ -384,7 +387,7 @@ def _evaluate_and_log(t: Trainer, when: str | None) -> float | None:
     if score is not None:
         t.metrics.write({"step": t.state.global_step, "stsb_spearman": score})
         if when:
-            t.accelerator.print(f"STSb validation Spearman {when}: {score:.2f}")
+            t.accelerator.print(f"STS Spearman on {t.eval_name} {when}: {score:.2f}")
     return score
 
 
@@ -409,11 +412,30 @@ def _keep_best(t: Trainer, score: float) -> None:
 def export(t: Trainer, path: Path, score: float | None = None) -> None:
     """The model as it is now, in HF + sentence-transformers layout with a model card (main process)."""
     cfg = t.cfg
-    save_model(t.accelerator.unwrap_model(t.model), t.tokenizer, path, cfg.max_seq_length, card={
-        "base_model": cfg.model or "all-MiniLM-L6-v2", "train_data": cfg.train_data or "embedded SNLI sample",
-        "examples": t.examples, "hard_negatives": cfg.hard_negatives, "steps": t.state.global_step,
-        "global_batch_size": t.global_batch, "lr": cfg.lr, "scale": cfg.scale, "stsb_before": t.state.stsb_before,
-        "stsb_after": None if score is None else f"{score:.2f}", "eval_data": cfg.eval_data or "embedded STSb validation"})
+    user_length = cfg.max_seq_length if "max_seq_length" in getattr(cfg, "given", ()) else None
+    save_model(t.accelerator.unwrap_model(t.model), t.tokenizer, path, user_length, card=_card_info(t, path, score))
+
+
+def _card_info(t: Trainer, path: Path, score: float | None) -> dict:
+    """The run's facts for the model card (schema in mnr/card.py)."""
+    cfg = t.cfg
+    settings = {"loss": "MultipleNegativesRankingLoss" + (" (symmetric)" if cfg.symmetric else ""),
+                "hard negatives": cfg.hard_negatives, "batch size per process": cfg.batch_size,
+                "processes": t.world, "global batch size": t.global_batch,
+                "negatives per anchor": t.negatives_per_anchor, "learning rate": cfg.lr,
+                "warm-up ratio": cfg.warmup_ratio, "weight decay": cfg.weight_decay, "scale": cfg.scale,
+                "max_seq_length (training)": cfg.max_seq_length, "epochs": cfg.epochs, "seed": cfg.seed}
+    if cfg.mini_batch_size:
+        settings["GradCache mini-batch"] = cfg.mini_batch_size
+    if cfg.dims:
+        settings["Matryoshka dims (weights)"] = f"{cfg.matryoshka_dims} ({', '.join(map(str, cfg.dim_weights))})"
+    metrics = {}
+    if t.eval_data is not None:
+        metrics[t.eval_name] = {"Spearman (cosine) x 100": {"before": t.state.stsb_before, "after": score, "scale": 100}}
+    datasets = [s.strip() for s in cfg.train_data.split(",") if s.strip()] if cfg.train_data else ["snli"]
+    return {"datasets": datasets, "train_data": cfg.train_data or "the SNLI sample shipped in mnr/resources",
+            "data_stats": t.data_stats, "examples": t.examples, "steps": t.state.global_step,
+            "settings": settings, "metrics": metrics, "path": str(path)}
 
 
 def save(t: Trainer) -> Path:

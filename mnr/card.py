@@ -1,0 +1,198 @@
+"""The model card (README.md) of an exported model: YAML front matter the hub indexes, then what was trained
+on what, the scores, and how to load the model with sentence-transformers and with plain transformers.
+
+`model_card(info)` takes one dict; every key is optional:
+
+    base_model          str   hub id (goes into the front matter) or local path (named in the text only)
+    license             str   e.g. "apache-2.0", usually the base model's
+    datasets            list  training data as given to --train-data: hub names ("snli", "glue/mnli",
+                              "owner/name:config@split") go into the front matter; local files are named in the text
+    train_data          str   one line describing the training data (default: the datasets)
+    data_stats          str   e.g. "9840 rows read, 3167 examples kept; skipped: ..."
+    examples            int   training examples (pairs or triplets)
+    steps               int   optimizer steps done
+    settings            dict  training settings, name -> value, shown as a table (loss, batch sizes, lr, ...)
+    metrics             dict  evaluator -> metric -> {"before": x, "after": y, "scale": 100 or 1}; a bare number
+                              is the score after training; scale 100 (Spearman x 100) prints 2 decimals, scale 1
+                              (a 0-1 metric) 4; without "scale", a value beyond +-1 means x 100
+    pooling             str   "mean" or "cls"               } filled by mnr.model.save_model
+    normalize           bool  a Normalize module follows     } from the pipeline it writes
+    max_seq_length      int                                  }
+    embedding_dim       int                                  }
+    similarity_fn_name  str   "cosine", "dot", ...           }
+    do_lower_case       bool                                 }
+    path                str   where the model is (hub id or directory) for the loading snippets; without it
+                              they say "<path>" and the card explains what to put there
+
+"""
+
+from __future__ import annotations
+
+import math
+
+PLACEHOLDER = "<path>"
+SAMPLE_SENTENCES = ["A man is playing a guitar.", "Someone is playing an instrument.", "A dog runs in the park."]
+
+# The pooling function of the transformers snippet, per pooling mode; tests run it against mnr's own encode.
+POOLING_CODE = {
+    "mean": '''def pool(last_hidden_state, attention_mask):
+    """Mean of the token embeddings, padding left out."""
+    mask = attention_mask.unsqueeze(-1).float()
+    return (last_hidden_state * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)''',
+    "cls": '''def pool(last_hidden_state, attention_mask):
+    """The embedding of the first token ([CLS])."""
+    return last_hidden_state[:, 0]''',
+}
+
+def model_card(info: dict) -> str:
+    """README.md text for an exported model; `info` as in the module docstring."""
+    path = info.get("path") or PLACEHOLDER
+    lines = ["---", _front_matter(info).rstrip("\n"), "---", "", f"# {_title(info)}", "", _summary(info), ""]
+    lines += _training(info) + _evaluation(info) + _usage(info, path)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _number(value) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def hub_datasets(datasets: list[str]) -> list[str]:
+    """Hub dataset names among --train-data sources ('glue/mnli' -> 'glue'); local files are left out."""
+    from mnr.data import _hub_spec, is_local
+
+    names = [_hub_spec(spec)[0] for spec in datasets if spec and not is_local(spec) and " " not in spec]
+    return list(dict.fromkeys(names))
+
+
+def _is_hub_id(name: str | None) -> bool:
+    from pathlib import Path
+
+    return bool(name) and not Path(name).exists() and not name.startswith((".", "/", "~")) and name.count("/") <= 1
+
+
+def _front_matter(info: dict) -> str:
+    import yaml
+
+    meta: dict = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
+                  "tags": ["sentence-transformers", "sentence-similarity", "feature-extraction",
+                           "multiple-negatives-ranking-loss", "mnr"]}
+    if _is_hub_id(info.get("base_model")):
+        meta["base_model"] = info["base_model"]
+        meta["base_model_relation"] = "finetune"
+    datasets = hub_datasets(list(info.get("datasets") or []))
+    if datasets:
+        meta["datasets"] = datasets
+    if info.get("license"):
+        meta["license"] = str(info["license"])
+    return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+
+
+def _title(info: dict) -> str:
+    base = str(info.get("base_model") or "")
+    name = base.rstrip("/").rsplit("/", 1)[-1] if base else ""
+    return f"{name} fine-tuned with mnr" if name else "Sentence embedding model fine-tuned with mnr"
+
+
+def _summary(info: dict) -> str:
+    dim = f"a {info['embedding_dim']}-dimensional vector" if info.get("embedding_dim") else "a vector"
+    pooling = info.get("pooling", "mean")
+    steps = [f"transformer (texts truncated to {info['max_seq_length']} tokens)" if info.get("max_seq_length")
+             else "transformer", "mean of the token embeddings over the attention mask" if pooling == "mean"
+             else "embedding of the first token ([CLS])" if pooling == "cls" else f"{pooling} pooling"]
+    if info.get("normalize"):
+        steps.append("normalised to unit length")
+    similarity = info.get("similarity_fn_name") or "cosine"
+    text = (f"A sentence-embedding model: it maps a text to {dim} for semantic search, clustering and similarity. "
+            f"Fine-tuned with Multiple Negatives Ranking loss (in-batch negatives) by mnr "
+            f"from {_code(info.get('base_model')) or 'a transformer encoder'}.\n\n"
+            f"Pipeline: {' -> '.join(steps)}. Similarity function: {similarity}.")
+    if info.get("normalize"):
+        text += " Embeddings have unit length, so dot product and cosine similarity agree."
+    return text
+
+
+def _code(value) -> str:
+    return f"`{value}`" if value else ""
+
+
+def _training(info: dict) -> list[str]:
+    lines = ["## Training", ""]
+    facts = [("Base model", _code(info.get("base_model"))),
+             ("Training data", info.get("train_data") or ", ".join(map(str, info.get("datasets") or []))),
+             ("Data", info.get("data_stats")), ("Training examples", info.get("examples")),
+             ("Optimizer steps", info.get("steps"))]
+    lines += [f"- {label}: {value}" for label, value in facts if value not in (None, "")]
+    settings = info.get("settings") or {}
+    if settings:
+        lines += ["", "| setting | value |", "|---|---|"]
+        lines += [f"| {name} | {_setting(value)} |" for name, value in settings.items()]
+    return lines + [""]
+
+
+def _setting(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _evaluation(info: dict) -> list[str]:
+    metrics = info.get("metrics") or {}
+    rows = []
+    for evaluator, by_metric in metrics.items():
+        for metric, value in (by_metric or {}).items():
+            value = value if isinstance(value, dict) else {"after": value}
+            scale = value.get("scale") or _guess_scale(value.get("before"), value.get("after"))
+            rows.append(f"| {evaluator} | {metric} | {format_metric(value.get('before'), scale)} | "
+                        f"{format_metric(value.get('after'), scale)} |")
+    if not rows:
+        return []
+    return ["## Evaluation", "", "| evaluator | metric | before training | after training |", "|---|---|---:|---:|",
+            *rows, ""]
+
+
+def _guess_scale(*values) -> int:
+    return 100 if any(abs(_number(v) or 0.0) > 1.0 for v in values) else 1
+
+
+def format_metric(value, scale: int = 100) -> str:
+    """2 decimals for a x 100 metric, 4 for a 0-1 metric; '-' when not measured."""
+    number = _number(value)
+    if number is None:
+        return "-"
+    if math.isnan(number):
+        return "nan"
+    return f"{number:.2f}" if scale == 100 else f"{number:.4f}"
+
+
+def _usage(info: dict, path: str) -> list[str]:
+    pooling = info.get("pooling", "mean")
+    if pooling not in POOLING_CODE:
+        raise ValueError(f"pooling={pooling!r} has no transformers snippet; known: {', '.join(POOLING_CODE)}")
+    lines = ["## Usage", ""]
+    if path == PLACEHOLDER:
+        lines += [(f"Replace `{PLACEHOLDER}` with the directory that holds this card (the training run's output "
+                   f"directory) or, once uploaded, the model's hub id (`owner/name`)."), ""]
+    sentences = repr(SAMPLE_SENTENCES)
+    lines += ["With sentence-transformers:", "", "```python", "from sentence_transformers import SentenceTransformer",
+              "", f"model = SentenceTransformer({path!r})", f"sentences = {sentences}",
+              "embeddings = model.encode(sentences)", "print(model.similarity(embeddings, embeddings))", "```", ""]
+    length = f", max_length={info['max_seq_length']}" if info.get("max_seq_length") else ""
+    lines += ["With transformers only (the same embeddings):", "", "```python", "import torch"]
+    if info.get("normalize"):
+        lines.append("import torch.nn.functional as F")
+    lines += ["from transformers import AutoModel, AutoTokenizer", "", "", POOLING_CODE[pooling], "", "",
+              f"tokenizer = AutoTokenizer.from_pretrained({path!r})", f"model = AutoModel.from_pretrained({path!r})",
+              "model.eval()", f"sentences = {sentences}",
+              f"batch = tokenizer(sentences, padding=True, truncation=True{length}, return_tensors='pt')",
+              "with torch.no_grad():", "    output = model(**batch)",
+              "embeddings = pool(output.last_hidden_state, batch['attention_mask'])"]
+    if info.get("normalize"):
+        lines.append("embeddings = F.normalize(embeddings, p=2, dim=1)")
+    lines += ["```", "", ("`output.pooler_output` is not the sentence embedding: mnr does not train the pooler head "
+                          "(its weights are the base model's)."), ""]
+    return lines
