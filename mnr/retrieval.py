@@ -304,7 +304,7 @@ def retrieval_metrics(ranked: list[list[int]], relevant: list[dict[int, float]])
             sums[f"ndcg@{k}"] += float((gains[:k] * discount[: len(gains[:k])]).sum() / (ideal * discount[: len(ideal)]).sum())
         first = np.flatnonzero(is_rel)
         for k in K_VALUES["mrr"]:
-            sums[f"mrr@{k}"] += 1.0 / (first[0] + 1) if len(first) and first[0] < k else 0.0
+            sums[f"mrr@{k}"] += 1.0 / (int(first[0]) + 1) if len(first) and first[0] < k else 0.0
         for k in K_VALUES["map"]:
             precision_at_hit = np.cumsum(is_rel[:k]) / np.arange(1, len(is_rel[:k]) + 1)
             sums[f"map@{k}"] += float((precision_at_hit * is_rel[:k]).sum() / min(k, len(rel)))

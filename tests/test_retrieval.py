@@ -167,6 +167,7 @@ def _eval_sets(tmp: Path) -> str:
     return f"{sts},{pairs},{beir}"
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_numbers(tmp_path, tiny_model):
     """2 gloo processes, small batches (uneven shards: 13 batches of 4 over 2 processes), 3 queries per scoring
     chunk: every process returns the same dicts, equal to one process to 1e-6."""
