@@ -164,13 +164,15 @@ def _eval_sets(tmp: Path) -> str:
                                      for i, w in enumerate(WORDS[:17])],
                       [{"_id": f"q{i}", "text": f"where is the {w}"} for i, w in enumerate(WORDS[:9])],
                       [(f"q{i}", f"d{j}", 1 + (i + j) % 2) for i in range(9) for j in (i, (i * 3) % 17)])
-    return f"{sts},{pairs},{beir}"
+    one_batch = write_tsv(tmp / "one_batch.tsv", ["sentence1", "sentence2", "score"],  # 4 texts: rank 1 gets none
+                          [["a dog runs", "a dog is running", "4.5"], ["a cat sleeps", "a man eats", "0.5"]])
+    return f"{sts},{pairs},{beir},{one_batch}"
 
 
 @pytest.mark.slow
 def test_two_processes_give_the_single_process_numbers(tmp_path, tiny_model):
-    """2 gloo processes, small batches (uneven shards: 13 batches of 4 over 2 processes), 3 queries per scoring
-    chunk: every process returns the same dicts, equal to one process to 1e-6."""
+    """2 gloo processes, small batches (uneven shards, and a set of one batch: one process has nothing to encode),
+    3 queries per scoring chunk: every process returns the same dicts, equal to one process to 1e-6."""
     from mnr.evaluate import build_evaluators
     from mnr.model import load_encoder
 
@@ -199,7 +201,9 @@ def test_two_processes_give_the_single_process_numbers(tmp_path, tiny_model):
     assert 0 < single[2]["ndcg@10"] < 1  # a random model ranks neither perfectly nor hopelessly
 
 
-def test_cli_json_and_bad_input(tmp_path, tiny_model):
+def test_cli_json_and_bad_input(tmp_path, tiny_model, capsys):
+    from mnr.evaluate import main
+
     spec = _eval_sets(tmp_path).split(",")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "mnr.evaluate", str(tiny_model), "--data", spec[0], "--data",
@@ -211,12 +215,12 @@ def test_cli_json_and_bad_input(tmp_path, tiny_model):
     assert out["results"]["beir"]["main_metric"] == "ndcg@10"
     assert set(out["results"]["beir"]) == {"kind", "main_metric", "ndcg@10", "mrr@10", "map@100", "recall@1",
                                            "recall@10", "recall@100", "accuracy@1"}
-    table = subprocess.run([sys.executable, "-m", "mnr.evaluate", str(tiny_model), "--data", spec[2]],
-                           capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
-    assert table.returncode == 0 and "ndcg@10 (main)" in table.stdout and "retrieval, beir" in table.stdout
-    bad = subprocess.run([sys.executable, "-m", "mnr.evaluate", str(tiny_model), "--data", str(tmp_path / "nope")],
-                         capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+    assert main([str(tiny_model), "--data", spec[2]]) == 0
+    table = capsys.readouterr().out
+    assert "ndcg@10 (main)" in table and "retrieval, beir" in table
+    assert main([str(tiny_model), "--data", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nope" in err
 
 
 # ---- agreement with sentence-transformers -------------------------------------------------------------------
