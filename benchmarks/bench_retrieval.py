@@ -120,6 +120,9 @@ def main() -> None:
     parser.add_argument("--corpus-size", type=int, default=50000)
     parser.add_argument("--workdir", default="/tmp/bench_retrieval")
     parser.add_argument("--runs", default="ours,ours2,st", help="which of ours, ours2, st, comma-separated")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of the 1-process runs (0: torch's default); the 2-process run uses 1 each")
+    parser.add_argument("--rounds", type=int, default=1, help="alternated rounds; the table shows the median")
     parser.add_argument("--worker", choices=["ours", "st"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -138,26 +141,31 @@ def main() -> None:
     launch2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                "29631"]
-    commands = {"ours": ([sys.executable, *me, "--worker", "ours"], {}),
+    one = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    commands = {"ours": ([sys.executable, *me, "--worker", "ours"], one),
                 "ours2": ([*launch2, *me, "--worker", "ours"], {"OMP_NUM_THREADS": "1"}),
-                "st": ([sys.executable, *me, "--worker", "st"], {})}
+                "st": ([sys.executable, *me, "--worker", "st"], one)}
     labels = {"ours": "mnr, 1 process", "ours2": "mnr, 2 processes (1 thread each)",
               "st": "sentence-transformers InformationRetrievalEvaluator"}
-    results = {}
-    for name in args.runs.split(","):
-        cmd, extra = commands[name]
-        out = work / f"{name}_{args.corpus_size}.json"
-        proc = subprocess.run([*cmd, "--folder", str(folder), "--out", str(out)], env={**env, **extra}, cwd=REPO,
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        results[name] = json.loads(out.read_text())
-        r = results[name]
-        print(f"{labels[name]}: {r['seconds']:.1f} s, {(n_queries + n_docs) / r['seconds']:.0f} texts/s, "
-              f"ndcg@10 {r['metrics']['ndcg@10']:.4f}", flush=True)
+    results: dict[str, list[dict]] = {}
+    for round_ in range(args.rounds):
+        for name in args.runs.split(","):
+            cmd, extra = commands[name]
+            out = work / f"{name}_{args.corpus_size}.json"
+            proc = subprocess.run([*cmd, "--folder", str(folder), "--out", str(out)], env={**env, **extra},
+                                  cwd=REPO, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+            r = json.loads(out.read_text())
+            results.setdefault(name, []).append(r)
+            print(f"round {round_} {labels[name]}: {r['seconds']:.1f} s, {(n_queries + n_docs) / r['seconds']:.0f} "
+                  f"texts/s, ndcg@10 {r['metrics']['ndcg@10']:.4f}", flush=True)
+    median = {name: sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2] for name, rs in results.items()}
+    threads = f"{args.threads} thread(s)" if args.threads else "torch's default threads"
+    print(f"\n{args.rounds} round(s), median; 1-process runs with {threads}")
     print(f"\n| run | seconds | texts/s | vs ST | ndcg@10 | mrr@10 | recall@100 |\n|---|---:|---:|---:|---:|---:|---:|")
-    st = results.get("st", {}).get("seconds")
-    for name, r in results.items():
+    st = median.get("st", {}).get("seconds")
+    for name, r in median.items():
         ratio = f"{st / r['seconds']:.2f}x" if st else "-"
         m = r["metrics"]
         print(f"| {labels[name]} | {r['seconds']:.1f} | {(n_queries + n_docs) / r['seconds']:.0f} | {ratio} | "
