@@ -52,7 +52,7 @@ class TrainState:
     global_step: int = 0
     best_score: float | None = None
     skipped_steps: int = 0
-    stsb_before: float | None = None  # the score before any training, for the model card and summary
+    metrics_before: dict = field(default_factory=dict)  # "evaluator/metric" -> score before training (model card)
     shape: dict = field(default_factory=dict)  # RUN_SHAPE_KEYS -> value
     scheduler: dict = field(default_factory=dict)  # LambdaLR state without its lambdas
 
@@ -64,7 +64,7 @@ class TrainState:
     def from_dict(cls, data: dict) -> "TrainState":
         return cls(epoch=data["epoch"], step_in_epoch=data["step_in_epoch"], global_step=data["global_step"],
                    best_score=data.get("best_score"), skipped_steps=data.get("skipped_steps", 0),
-                   stsb_before=data.get("stsb_before"), shape={k: data.get(k) for k in RUN_SHAPE_KEYS},
+                   metrics_before=data.get("metrics_before") or {}, shape={k: data.get(k) for k in RUN_SHAPE_KEYS},
                    scheduler=data.get("scheduler", {}))
 
     def check_same_shape(self, now: dict, checkpoint: str | os.PathLike) -> None:

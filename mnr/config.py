@@ -38,8 +38,10 @@ class TrainConfig:
     model: str = _f("", f"hub id or local directory of a transformers encoder; empty = {EMBEDDED_MODEL}")
     train_data: str = _f("", "comma-separated hub dataset names (snli, glue/mnli, owner/name[:config]) and/or "
                          "local .tsv/.csv/.jsonl/.parquet[.gz] files; empty = the embedded SNLI sample")
-    eval_data: str = _f("", "STS pairs (sentence1, sentence2, score) for Spearman: a local file or hub glue/stsb; "
-                        "empty = the embedded STSb validation split; 'none' disables evaluation")
+    eval_data: str = _f("", "comma-separated evaluation sets, the kind detected from the data: STS pairs "
+                        "(sentence1, sentence2, score; or glue/stsb), a BEIR folder (corpus.jsonl, queries.jsonl, "
+                        "qrels/; DIR@split), anchor/positive[/negative] or NLI rows as retrieval; empty = the "
+                        "embedded STSb validation and its retrieval sanity set; 'none' disables evaluation")
     output_dir: str = _f("output/mnr", "where the final model, checkpoints and metrics.jsonl are written")
     overwrite_output_dir: bool = _f(False, "allow writing into an output dir that already holds other files")
     hard_negatives: bool = _f(True, "train on (anchor, positive, hard negative) triplets: NLI contradictions, "
@@ -70,8 +72,11 @@ class TrainConfig:
                               "shuffle the batches: less padding, same STSb (measured in BENCHMARKS.md); 0: off")
     seed: int = _f(42, "seed of the weights' init noise, dropout and the data order")
     # bookkeeping
-    eval_steps: int = _f(0, "evaluate STSb every this many steps and keep the best model in best/ (0: only "
-                         "before and after training)")
+    metric_for_best: str = _f("", "the metric that picks best/: 'evaluator/metric' (e.g. stsb_validation/spearman, "
+                              "dev/ndcg@10) or an evaluator's name for its main metric; empty = the first "
+                              "evaluator's main metric (Spearman for STS, nDCG@10 for retrieval)")
+    eval_steps: int = _f(0, "run every evaluator every this many steps and keep the best model (--metric-for-best) "
+                         "in best/ (0: only before and after training)")
     save_steps: int = _f(0, "save a resumable checkpoint every this many steps (0: only the final model)")
     save_total_limit: int = _f(0, "keep only the newest K step checkpoints (0: keep all)")
     resume: str = _f("", "'auto' (newest complete checkpoint in output dir, if any) or a checkpoint directory")
@@ -172,7 +177,7 @@ HELP_GROUPS = {
                      "scale", "symmetric", "matryoshka_dims", "matryoshka_weights", "mini_batch_size", "length_buckets", "length_grouping", "seed",
                      "skip_nonfinite"],
     "distributed": ["gather_negatives"],
-    "evaluation": ["eval_data", "eval_steps"],
+    "evaluation": ["eval_data", "eval_steps", "metric_for_best"],
     "checkpoints": ["output_dir", "overwrite_output_dir", "save_steps", "save_total_limit", "resume"],
     "logging": ["log_steps", "report_to", "progress"],
     "config file": ["config"],

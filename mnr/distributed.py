@@ -108,3 +108,27 @@ def mean(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total / dist.get_world_size()
+
+
+def all_gather_rows(tensor: torch.Tensor | None) -> list[torch.Tensor]:
+    """Every process's `tensor` (same trailing shape and dtype, any number of rows), in rank order, on the CPU.
+
+    A process with nothing to add passes None (it gets the others' rows all the same).  No autograd: for
+    evaluation.  Rows are padded to the longest process's count for the collective; under NCCL the exchange
+    goes through this process's GPU, under gloo through the CPU.
+    """
+    if not is_distributed():
+        return [tensor.cpu()] if tensor is not None else []
+    meta = all_gather_object(None if tensor is None else (tensor.shape[0], tuple(tensor.shape[1:]), tensor.dtype))
+    known = [m for m in meta if m is not None]
+    if not known:
+        return []
+    _, trailing, dtype = known[0]
+    counts = [0 if m is None else m[0] for m in meta]
+    via = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    padded = torch.zeros((max(counts), *trailing), dtype=dtype, device=via)
+    if tensor is not None:
+        padded[: tensor.shape[0]] = tensor.to(via)
+    chunks = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(chunks, padded)
+    return [chunk[:n].cpu() for chunk, n in zip(chunks, counts)]

@@ -1,22 +1,45 @@
-"""STS evaluation: Spearman correlation (x100) of cosine similarity with gold scores.
+"""Evaluation: STS Spearman and retrieval metrics (nDCG, MRR, MAP, recall, accuracy), on every process.
 
-    python -m mnr.evaluate CHECKPOINT --data FILE      # FILE: sentence1, sentence2, score (tsv/csv/jsonl/parquet)
+    python -m mnr.evaluate CHECKPOINT --data A --data B [--json]     # or --data A,B; no --data: the embedded sets
+    accelerate launch --num_processes 2 -m mnr.evaluate CHECKPOINT --data A   # same numbers, encoded in shards
+
+`build_evaluators(spec)` turns an `--eval-data` string into evaluators; the kind of each set is detected from
+the data (docs/evaluation.md):
+  * STS pairs (sentence1, sentence2, score): Spearman x100 of the cosine;
+  * a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv; `DIR@split` picks a split);
+  * anchor, positive[, negative] rows, or NLI rows, turned into retrieval (mnr/retrieval.py).
+Every process calls every evaluator: the texts are encoded in shards across processes and the retrieval scores
+computed in shards by query, then gathered through mnr/distributed.py, so all processes return the same dict,
+equal to the single-process one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import re
 import sys
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mnr import distributed
 from mnr.data import DataError, read_source
+from mnr.retrieval import (MAX_K, RetrievalData, is_beir_dir, load_beir, metric_names, nli_rows_as_retrieval,
+                           pair_rows_as_retrieval, retrieval_metrics, split_beir_spec, sts_as_retrieval, top_k)
 
 logger = logging.getLogger(__name__)
+
+RESOURCES = Path(__file__).resolve().parent / "resources"
+EMBEDDED_STS = RESOURCES / "stsb_validation.tsv"
+DEMO_MIN_SCORE = 4.0  # STSb pairs scored at least this are "relevant" in the embedded retrieval sanity set
 
 
 @dataclass
@@ -32,9 +55,17 @@ def load_sts(spec: str) -> STSData:
     if spec.strip() in ("glue/stsb", "stsb"):
         spec = "glue/stsb@validation"
     columns, rows = read_source(spec)
-    score_col = "score" if "score" in columns else "label" if "label" in columns else None
-    if not {"sentence1", "sentence2"} <= set(columns) or score_col is None:
+    return _sts_from_rows(spec, columns, rows)
+
+
+def _is_sts(columns) -> bool:
+    return {"sentence1", "sentence2"} <= set(columns) and bool({"score", "label"} & set(columns))
+
+
+def _sts_from_rows(spec: str, columns: list[str], rows) -> STSData:
+    if not _is_sts(columns):
         raise DataError(f"{spec}: columns found: {', '.join(map(str, columns))}; expected sentence1, sentence2, score")
+    score_col = "score" if "score" in columns else "label"
     s1, s2, scores, skipped = [], [], [], 0
     for row in rows:
         a, b = row.get("sentence1"), row.get("sentence2")
@@ -55,24 +86,60 @@ def load_sts(spec: str) -> STSData:
     return STSData(s1, s2, np.asarray(scores, dtype=np.float64), skipped)
 
 
+def _length_batches(texts: list[str], batch_size: int) -> list[list[int]]:
+    """Indices of the texts sorted by length (for less padding), cut into batches."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
-def encode(encoder, tokenizer, texts: list[str], max_seq_length: int = 128, batch_size: int = 64,
-           device: torch.device | str | None = None) -> torch.Tensor:
-    """(n, d) float32 embeddings (not normalised) in input order; batches sorted by length for speed."""
+def _embed_batches(encoder, tokenizer, texts: list[str], batches: list[list[int]], max_seq_length: int,
+                   device) -> torch.Tensor | None:
+    """Float32 CPU embeddings of the given batches of text indices, concatenated in batch order (None if none)."""
+    if not batches:
+        return None
     device = device or next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = [None] * len(texts)
-    for start in range(0, len(texts), batch_size):
-        idx = order[start : start + batch_size]
+    out = []
+    for idx in batches:
         batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_seq_length,
                           return_tensors="pt")
-        emb = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
-        for j, i in enumerate(idx):
-            out[i] = emb[j]
+        out.append(encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
     encoder.train(was_training)
-    return torch.stack(out)
+    return torch.cat(out)
+
+
+def _in_item_order(batches: list[list[int]], rows: torch.Tensor) -> torch.Tensor:
+    """Rows computed batch after batch -> rows in item order."""
+    out = torch.empty_like(rows)
+    out[torch.tensor([i for idx in batches for i in idx], dtype=torch.int64)] = rows
+    return out
+
+
+def encode(encoder, tokenizer, texts: list[str], max_seq_length: int = 128, batch_size: int = 64,
+           device: torch.device | str | None = None) -> torch.Tensor:
+    """(n, d) float32 embeddings (not normalised) in input order, on this process alone; batches sorted by length."""
+    batches = _length_batches(texts, batch_size)
+    return _in_item_order(batches, _embed_batches(encoder, tokenizer, texts, batches, max_seq_length, device))
+
+
+def sharded(batches: list[list[int]], compute: Callable[[list[list[int]]], torch.Tensor | None]) -> torch.Tensor:
+    """Process r computes batches r, r+N, r+2N, ... (`compute` gets a list of batches and returns their rows in
+    batch order, or None for no batches); every process gets all rows, in item order.  Each batch is computed
+    exactly as a single process would compute it, so the result does not depend on the number of processes."""
+    world, rank = distributed.world_size(), distributed.rank()
+    parts = distributed.all_gather_rows(compute(batches[rank::world]))
+    order = [b for r in range(world) for b in batches[r::world]]
+    return _in_item_order(order, torch.cat(parts))
+
+
+def encode_sharded(encoder, tokenizer, texts: list[str], max_seq_length: int = 128, batch_size: int = 64,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """`encode`, with the batches shared out over all processes (every process must call it); each gets all
+    (n, d) embeddings, the same as `encode` on one process (same batches, so the same padding)."""
+    return sharded(_length_batches(texts, batch_size),
+                   lambda mine: _embed_batches(encoder, tokenizer, texts, mine, max_seq_length, device))
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -81,10 +148,11 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def sts_spearman(encoder, tokenizer, data: STSData, max_seq_length: int = 128, batch_size: int = 64) -> float:
+def sts_spearman(encoder, tokenizer, data: STSData, max_seq_length: int = 128, batch_size: int = 64,
+                 encode_fn: Callable = encode) -> float:
     """Spearman x 100 of cos(emb(sentence1), emb(sentence2)) against the gold scores."""
     texts = list(dict.fromkeys(data.sentences1 + data.sentences2))
-    emb = F.normalize(encode(encoder, tokenizer, texts, max_seq_length, batch_size), dim=-1)
+    emb = F.normalize(encode_fn(encoder, tokenizer, texts, max_seq_length, batch_size), dim=-1)
     pos = {t: i for i, t in enumerate(texts)}
     a = emb[[pos[t] for t in data.sentences1]]
     b = emb[[pos[t] for t in data.sentences2]]
@@ -92,25 +160,204 @@ def sts_spearman(encoder, tokenizer, data: STSData, max_seq_length: int = 128, b
     return 100.0 * spearman(cosine, data.scores)
 
 
+# ---------------------------------------------------------------------------------------------
+# evaluators: one interface for the trainer and the CLI
+
+
+@dataclass
+class Evaluator:
+    """`name` (unique within a list), `kind`, `main_metric` (a key of the result); call on every process."""
+
+    name: str
+    kind: str
+    main_metric: str
+    source: str
+    max_seq_length: int = 128
+    batch_size: int = 64
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def __call__(self, encoder, tokenizer) -> dict[str, float]:
+        raise NotImplementedError
+
+
+@dataclass
+class STSEvaluator(Evaluator):
+    data: STSData | None = None
+
+    def describe(self) -> str:
+        skips = f"; skipped: {self.data.skipped} rows with empty text or a non-numeric score" if self.data.skipped else ""
+        return f"STS Spearman x100, {self.name} ({self.source}): {len(self.data.scores)} pairs{skips}"
+
+    def __call__(self, encoder, tokenizer) -> dict[str, float]:
+        return {"spearman": sts_spearman(encoder, tokenizer, self.data, self.max_seq_length, self.batch_size,
+                                         encode_fn=encode_sharded)}
+
+
+@dataclass
+class RetrievalEvaluator(Evaluator):
+    data: RetrievalData | None = None
+    query_chunk: int = 1024  # queries scored at once: memory (query_chunk x doc_chunk) floats
+
+    def describe(self) -> str:
+        return f"retrieval, {self.name} ({self.source}): {self.data.summary()}"
+
+    def __call__(self, encoder, tokenizer) -> dict[str, float]:
+        args = (encoder, tokenizer)
+        queries = F.normalize(encode_sharded(*args, self.data.queries, self.max_seq_length, self.batch_size), dim=-1)
+        docs = F.normalize(encode_sharded(*args, self.data.corpus, self.max_seq_length, self.batch_size), dim=-1)
+        device = next(encoder.parameters()).device
+        docs = docs.to(device)
+        chunks = [list(range(s, min(s + self.query_chunk, len(self.data.queries))))
+                  for s in range(0, len(self.data.queries), self.query_chunk)]
+
+        def rank_chunks(mine: list[list[int]]) -> torch.Tensor | None:
+            hits = [top_k(queries[idx[0] : idx[-1] + 1].to(device), docs, self.data.tie_rank, MAX_K)[1].cpu()
+                    for idx in mine]
+            return torch.cat(hits) if hits else None
+
+        ranked = sharded(chunks, rank_chunks)  # (n_queries, min(100, n_docs)) corpus indices, best first
+        return retrieval_metrics(ranked.tolist(), self.data.relevant)
+
+
+def build_evaluators(spec: str | list[str], max_seq_length: int = 128, batch_size: int = 64) -> list[Evaluator]:
+    """`--eval-data` -> evaluators.  '' = the embedded sets (STSb validation, and the retrieval sanity set built
+    from it: `embedded_retrieval`), 'none' = [].  Raises DataError naming the set on bad input."""
+    if isinstance(spec, str):
+        if spec.strip().lower() == "none":
+            return []
+        specs = [s.strip() for s in spec.split(",") if s.strip()]
+    else:
+        specs = [s.strip() for s in spec if s.strip()]
+    evaluators: list[Evaluator] = []
+    names: Counter = Counter()
+    common = dict(max_seq_length=max_seq_length, batch_size=batch_size)
+    for one in specs or [""]:
+        for ev in _evaluators_of(one, common):
+            names[ev.name] += 1
+            if names[ev.name] > 1:
+                ev.name = f"{ev.name}_{names[ev.name]}"
+            evaluators.append(ev)
+    return evaluators
+
+
+def metric_choices(evaluators: list[Evaluator]) -> list[str]:
+    """Every "evaluator/metric" the evaluators report, each evaluator's main metric first (higher is better)."""
+    out = []
+    for ev in evaluators:
+        names = ["spearman"] if ev.kind == "sts" else metric_names()
+        out += [f"{ev.name}/{ev.main_metric}"] + [f"{ev.name}/{m}" for m in names if m != ev.main_metric]
+    return out
+
+
+def embedded_retrieval(sts: STSData, source: str = str(EMBEDDED_STS)) -> RetrievalData:
+    """The retrieval sanity set shipped with mnr: STSb validation pairs scored >= 4 as query -> relevant document,
+    every other sentence2 of the file as a distractor (mnr/retrieval.py `sts_as_retrieval`)."""
+    return sts_as_retrieval(source, sts.sentences1, sts.sentences2, sts.scores, DEMO_MIN_SCORE)
+
+
+def _evaluators_of(spec: str, common: dict) -> list[Evaluator]:
+    if not spec:
+        sts = load_sts(str(EMBEDDED_STS))
+        return [STSEvaluator("stsb_validation", "sts", "spearman", str(EMBEDDED_STS), data=sts, **common),
+                RetrievalEvaluator("stsb_retrieval", "retrieval", "ndcg@10",
+                                   f"{EMBEDDED_STS} (pairs scored >= {DEMO_MIN_SCORE:g})",
+                                   data=embedded_retrieval(sts), **common)]
+    name = _short_name(spec)
+    if is_beir_dir(spec):
+        return [RetrievalEvaluator(name, "retrieval", "ndcg@10", spec, data=load_beir(spec), **common)]
+    if spec in ("glue/stsb", "stsb"):
+        return [STSEvaluator("stsb_validation", "sts", "spearman", spec, data=load_sts(spec), **common)]
+    columns, rows = read_source(spec)
+    cols = set(columns)
+    if _is_sts(columns):
+        return [STSEvaluator(name, "sts", "spearman", spec, data=_sts_from_rows(spec, columns, rows), **common)]
+    if {"premise", "hypothesis", "label"} <= cols:
+        data = nli_rows_as_retrieval(spec, rows)
+    elif {"anchor", "positive"} <= cols:
+        data = pair_rows_as_retrieval(spec, columns, rows)
+    else:
+        raise DataError(f"{spec}: columns found: {', '.join(map(str, columns)) or '(none)'}; expected sentence1, "
+                        f"sentence2, score (STS), anchor, positive[, negative] or premise, hypothesis, label "
+                        f"(retrieval), or a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
+    return [RetrievalEvaluator(name, "retrieval", "ndcg@10", spec, data=data, **common)]
+
+
+def _short_name(spec: str) -> str:
+    """A file or folder's name without suffixes; a split-like name (train, dev, test...) keeps its folder's name."""
+    folder, split = split_beir_spec(spec)
+    path = Path(folder.rstrip("/"))
+    stem = path.name
+    for suffix in (".gz", ".tsv", ".csv", ".jsonl", ".parquet"):
+        stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem
+    if stem.lower() in ("train", "dev", "validation", "val", "test") and path.parent.name:
+        stem = f"{path.parent.name}_{stem}"
+    if split and os.path.isdir(folder):
+        stem = f"{stem}_{split}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_") or "eval"
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _print_results(model: str, evaluators: list[Evaluator], results: list[dict[str, float]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"mnr.evaluate {model}")
+    for column in ("set", "kind", "metric", "value"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for ev, res in zip(evaluators, results):
+        for i, (metric, value) in enumerate(res.items()):
+            shown = f"{value:.2f}" if ev.kind == "sts" else f"{value:.4f}"
+            label = f"{metric} (main)" if metric == ev.main_metric else metric
+            table.add_row(ev.name if i == 0 else "", ev.kind if i == 0 else "", label, shown)
+        table.add_section()
+    Console(width=100).print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mnr.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="model directory (or hub id) to evaluate")
-    parser.add_argument("--data", required=True, help="STS pairs: local file (sentence1, sentence2, score) or glue/stsb")
-    parser.add_argument("--max-seq-length", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--data", action="append", default=[],
+                        help="an evaluation set (repeat, or comma-separate): STS pairs, a BEIR folder (DIR or "
+                             "DIR@split), anchor/positive[/negative] or NLI rows; none given: the embedded sets")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--max-seq-length", type=int, default=128, help="truncate texts to this many tokens (default 128)")
+    parser.add_argument("--batch-size", type=int, default=64, help="texts encoded at once per process (default 64)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow model repos that ship their own Python code (off: never run it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from mnr.model import ModelError, load_encoder
 
+    device = None
+    if distributed.launched_world_size() > 1:  # launched as N processes: one process group, shards
+        from accelerate import Accelerator
+
+        device = Accelerator(cpu=not torch.cuda.is_available()).device
     try:
-        data = load_sts(args.data)
+        evaluators = build_evaluators(",".join(args.data), args.max_seq_length, args.batch_size)
         encoder, tokenizer = load_encoder(args.checkpoint, args.trust_remote_code)
     except (DataError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    score = sts_spearman(encoder, tokenizer, data, args.max_seq_length, args.batch_size)
-    print(f"STS Spearman x100 of {args.checkpoint} on {args.data} ({len(data.scores)} pairs): {score:.2f}")
+    if not evaluators:
+        print("error: --data none: nothing to evaluate", file=sys.stderr)
+        return 2
+    encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    results = [ev(encoder, tokenizer) for ev in evaluators]
+    if distributed.is_main():
+        if args.json:
+            print(json.dumps({"model": args.checkpoint, "processes": distributed.world_size(),
+                              "results": {ev.name: {"kind": ev.kind, "main_metric": ev.main_metric, **res}
+                                          for ev, res in zip(evaluators, results)}}))
+        else:
+            for ev in evaluators:
+                print(ev.describe())
+            _print_results(args.checkpoint, evaluators, results)
     return 0
 
 

@@ -22,9 +22,9 @@ from mnr import distributed
 from mnr.batching import Collator, GlobalBatchSampler, example_lengths, make_loader
 from mnr.checkpoint import (CheckpointError, TrainState, latest_checkpoint, load_checkpoint, read_state, run_shape,
                             save_checkpoint)
-from mnr.config import EMBEDDED_EVAL, EMBEDDED_TRAIN, TrainConfig
+from mnr.config import EMBEDDED_TRAIN, TrainConfig
 from mnr.data import DataError, load_examples, tokenize_examples
-from mnr.evaluate import STSData, load_sts, sts_spearman
+from mnr.evaluate import Evaluator, build_evaluators, metric_choices
 from mnr.gradcache import cached_loss_and_backward
 from mnr.launch import LaunchError, make_accelerator
 from mnr.loss import mnr_loss, split_roles
@@ -54,19 +54,20 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LambdaLR  # stepped per global step by us, not by Accelerate
     sampler: GlobalBatchSampler
     collator: Collator
-    eval_data: STSData | None
+    evaluators: list[Evaluator]  # every --eval-data set; called on every process
+    best_metric: str  # "evaluator/metric" that picks best/
     metrics: MetricsLog
     state: TrainState
     out: Path
     total_steps: int
     examples: int
     data_stats: str  # what happened to every row read (kept / skipped, by reason)
-    eval_name: str  # how the evaluation set is named in logs and the card
     gather: bool  # score against the candidates of every process
     stop: StopRequest = field(default_factory=StopRequest)
     progress: Progress | None = None
     window: LogWindow = field(default_factory=LogWindow)  # the steps since the last log line
     lr: float = 0.0  # the rate the last optimizer step used (logged)
+    eval_info: str = ""  # the last evaluation's main metrics, shown on the progress line
     summary: dict = field(default_factory=dict)
 
     @property
@@ -89,9 +90,9 @@ class Trainer:
 def run(cfg: TrainConfig) -> dict:
     """Train as configured; returns a summary (scores, steps, paths). Raises a USER_ERRORS type on bad input."""
     t = setup(cfg)
-    if t.state.global_step == 0 and t.state.stsb_before is None:
-        t.state.stsb_before = _evaluate_and_log(t, "before training")
-    t.summary["stsb_before"] = t.state.stsb_before
+    if t.state.global_step == 0 and not t.state.metrics_before:
+        t.state.metrics_before = _evaluate_and_log(t, "before training")
+    t.summary["metrics_before"] = t.state.metrics_before
     t.stop.install()
     t.progress = Progress(cfg.progress, t.total_steps, t.state.global_step)
     try:
@@ -172,17 +173,15 @@ def train_step(t: Trainer, batch: dict) -> torch.Tensor:
 
 def finish(t: Trainer) -> dict:
     """Final evaluation, best/ and the exported model; returns the run's summary."""
-    after = _evaluate_and_log(t, None)
-    if after is not None and t.cfg.eval_steps:
+    after = _evaluate_and_log(t, "after training")
+    if after and t.cfg.eval_steps:
         _keep_best(t, after)
     if distributed.is_main():
         export(t, t.out, after)
     distributed.barrier()
     st = t.state
-    t.summary.update(stsb_after=after, steps=st.global_step, skipped_steps=st.skipped_steps, best_stsb=st.best_score)
-    if after is not None:
-        t.accelerator.print(f"STS Spearman on {t.eval_name} after training: {after:.2f}"
-                            + (f" (before: {st.stsb_before:.2f})" if st.stsb_before is not None else ""))
+    t.summary.update(metrics_after=after, steps=st.global_step, skipped_steps=st.skipped_steps,
+                     best_metric=t.best_metric, best_score=st.best_score)
     t.accelerator.print(f"model saved to {t.out} ({st.global_step} steps)")
     t.accelerator.end_training()
     return t.summary
@@ -203,7 +202,7 @@ def setup(cfg: TrainConfig) -> Trainer:
     set_seed(cfg.seed)
     encoder, tokenizer = _setup_model(cfg)
     sampler, collator, examples, data_stats = _setup_data(cfg, tokenizer, accelerator)
-    eval_data = None if cfg.eval_data.lower() == "none" else load_sts(cfg.eval_data or str(EMBEDDED_EVAL))
+    evaluators, best_metric = _setup_evaluators(cfg)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else sum(sampler.steps_in_epoch(e) for e in range(cfg.epochs))
     optimizer = torch.optim.AdamW(param_groups(encoder, cfg.weight_decay), lr=cfg.lr)
     # Not passed to prepare(): Accelerate would step it once per process; we count global steps ourselves.
@@ -216,10 +215,10 @@ def setup(cfg: TrainConfig) -> Trainer:
         accelerator.init_trackers("mnr", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     world = accelerator.num_processes
     t = Trainer(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                scheduler=scheduler, sampler=sampler, collator=collator, eval_data=eval_data,
+                scheduler=scheduler, sampler=sampler, collator=collator, evaluators=evaluators,
+                best_metric=best_metric,
                 metrics=MetricsLog(accelerator, out / "metrics.jsonl"), state=TrainState(shape=run_shape(cfg, world)),
                 out=out, total_steps=total_steps, examples=examples, data_stats=data_stats,
-                eval_name=Path(cfg.eval_data).name if cfg.eval_data else "stsb_validation (embedded)",
                 gather=cfg.gather_negatives if cfg.gather_negatives is not None else world > 1)
     if resume_from is not None:
         t.state = _resume(t, resume_from)
@@ -260,6 +259,25 @@ def _setup_data(cfg: TrainConfig, tokenizer, accelerator) -> tuple[GlobalBatchSa
     sampler = GlobalBatchSampler(data.text_ids, cfg.batch_size, accelerator.num_processes, distributed.rank(),
                                  cfg.seed, example_lengths(data.token_ids, data.text_ids), cfg.length_grouping)
     return sampler, Collator(data.token_ids, data.text_ids, tokenizer.pad_token_id), len(data), stats.summary()
+
+
+def _setup_evaluators(cfg: TrainConfig) -> tuple[list[Evaluator], str]:
+    """The evaluators of --eval-data (each named in the log) and the metric that picks best/."""
+    evaluators = build_evaluators(cfg.eval_data, cfg.max_seq_length)
+    for ev in evaluators:
+        logger.info("evaluation: %s", ev.describe())
+    if not evaluators:
+        if cfg.metric_for_best:
+            raise TrainingError(f"metric_for_best={cfg.metric_for_best!r} needs evaluation data (--eval-data is none)")
+        return evaluators, ""
+    choices = metric_choices(evaluators)
+    chosen = cfg.metric_for_best or choices[0]
+    if "/" not in chosen:  # an evaluator's name alone: its main metric
+        chosen = next((c for c in choices if c.split("/", 1)[0] == chosen), chosen)
+    if chosen not in choices:
+        raise TrainingError(f"metric_for_best={cfg.metric_for_best!r} is not a metric of --eval-data; choose one of "
+                            f"{', '.join(choices)}")
+    return evaluators, chosen
 
 
 def linear_schedule(total_steps: int, warmup_steps: int):
@@ -366,57 +384,69 @@ def _log_step(t: Trainer, loss: torch.Tensor, grad_norm) -> None:
               "negatives_per_anchor": t.negatives_per_anchor, "skipped_steps": t.state.skipped_steps}
     t.metrics.write(record)
     info = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['pairs_per_s']:.0f} pairs/s  "
-            f"batch {t.global_batch} ({t.negatives_per_anchor} neg/anchor)")
+            f"batch {t.global_batch} ({t.negatives_per_anchor} neg/anchor)" + (f"  {t.eval_info}" if t.eval_info else ""))
     t.progress.update(1, info=info)
     if not t.progress.live:  # no bar (a log file, CI): a plain line instead
         logger.info("step %d/%d  %s", t.state.global_step, t.total_steps, info)
 
 
-def evaluate(t: Trainer) -> float | None:
-    """STS Spearman of the current model, the same on every process (None without eval data)."""
-    score = None
-    if t.eval_data is not None and distributed.is_main():
-        score = sts_spearman(t.accelerator.unwrap_model(t.model), t.tokenizer, t.eval_data, t.cfg.max_seq_length)
-    # Every process gets the main process's score (also a sync point): _keep_best runs, and syncs, on all of
-    # them; a score on one process only would leave it alone in its barrier while the others train on (a hang).
-    return distributed.all_gather_object(score)[0]
+def evaluate(t: Trainer) -> dict[str, float]:
+    """Every evaluator's metrics as {"evaluator/metric": value}. Every process calls it: the evaluators encode
+    in shards and combine through mnr.distributed, so all processes get the same numbers (and none waits alone)."""
+    model = t.accelerator.unwrap_model(t.model)
+    return {f"{ev.name}/{metric}": value for ev in t.evaluators for metric, value in ev(model, t.tokenizer).items()}
 
 
-def _evaluate_and_log(t: Trainer, when: str | None) -> float | None:
-    score = evaluate(t)
-    if score is not None:
-        t.metrics.write({"step": t.state.global_step, "stsb_spearman": score})
+def _evaluate_and_log(t: Trainer, when: str | None) -> dict[str, float]:
+    scores = evaluate(t)
+    if scores:
+        t.metrics.write({"step": t.state.global_step, **scores})
+        shown = "  ".join(f"{name} {_shown(name, value)}" for name, value in scores.items() if _is_main_metric(t, name))
+        line = f"eval {when or f'at step {t.state.global_step}'}: {shown}"
+        t.eval_info = shown
         if when:
-            t.accelerator.print(f"STS Spearman on {t.eval_name} {when}: {score:.2f}")
-    return score
+            t.accelerator.print(line)
+        else:
+            logger.info(line)
+    return scores
+
+
+def _is_main_metric(t: Trainer, name: str) -> bool:
+    return any(name == f"{ev.name}/{ev.main_metric}" for ev in t.evaluators)
+
+
+def _shown(name: str, value: float) -> str:
+    return f"{value:.2f}" if name.endswith("/spearman") else f"{value:.4f}"
 
 
 def _eval_and_keep_best(t: Trainer) -> None:
-    score = _evaluate_and_log(t, None)
-    if score is not None:
-        _keep_best(t, score)
+    scores = _evaluate_and_log(t, None)
+    if scores:
+        _keep_best(t, scores)
 
 
-def _keep_best(t: Trainer, score: float) -> None:
+def _keep_best(t: Trainer, scores: dict[str, float]) -> None:
+    score = scores[t.best_metric]
     if math.isnan(score):  # constant similarities (a collapsed model): never "best"
         return
     st = t.state
     if st.best_score is None or score > st.best_score:
         st.best_score = score
         if distributed.is_main():
-            export(t, t.out / "best", score)
-            logger.info("new best STSb %.2f at step %d -> %s", score, st.global_step, t.out / "best")
+            export(t, t.out / "best", scores)
+            logger.info("new best %s %s at step %d -> %s", t.best_metric, _shown(t.best_metric, score),
+                        st.global_step, t.out / "best")
     distributed.barrier()
 
 
-def export(t: Trainer, path: Path, score: float | None = None) -> None:
+def export(t: Trainer, path: Path, scores: dict[str, float] | None = None) -> None:
     """The model as it is now, in HF + sentence-transformers layout with a model card (main process)."""
     cfg = t.cfg
     user_length = cfg.max_seq_length if "max_seq_length" in getattr(cfg, "given", ()) else None
-    save_model(t.accelerator.unwrap_model(t.model), t.tokenizer, path, user_length, card=_card_info(t, path, score))
+    save_model(t.accelerator.unwrap_model(t.model), t.tokenizer, path, user_length, card=_card_info(t, path, scores or {}))
 
 
-def _card_info(t: Trainer, path: Path, score: float | None) -> dict:
+def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:
     """The run's facts for the model card (schema in mnr/card.py)."""
     cfg = t.cfg
     settings = {"loss": "MultipleNegativesRankingLoss" + (" (symmetric)" if cfg.symmetric else ""),
@@ -429,9 +459,11 @@ def _card_info(t: Trainer, path: Path, score: float | None) -> dict:
         settings["GradCache mini-batch"] = cfg.mini_batch_size
     if cfg.dims:
         settings["Matryoshka dims (weights)"] = f"{cfg.matryoshka_dims} ({', '.join(map(str, cfg.dim_weights))})"
-    metrics = {}
-    if t.eval_data is not None:
-        metrics[t.eval_name] = {"Spearman (cosine) x 100": {"before": t.state.stsb_before, "after": score, "scale": 100}}
+    metrics: dict = {}
+    for name in dict.fromkeys([*t.state.metrics_before, *scores]):
+        evaluator, metric = name.split("/", 1)
+        metrics.setdefault(evaluator, {})[metric] = {"before": t.state.metrics_before.get(name),
+                                                     "after": scores.get(name), "scale": 100 if metric == "spearman" else 1}
     datasets = [s.strip() for s in cfg.train_data.split(",") if s.strip()] if cfg.train_data else ["snli"]
     return {"datasets": datasets, "train_data": cfg.train_data or "the SNLI sample shipped in mnr/resources",
             "data_stats": t.data_stats, "examples": t.examples, "steps": t.state.global_step,

@@ -14,7 +14,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+# the shared data folder beside the checkout; MNR_SHARED_DATA points elsewhere (e.g. from a git worktree)
+SHARED_DATA = Path(os.environ.get("MNR_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 WORDS = ("a the man woman person people dog cat is are on in with at of and playing sitting running "
          "standing outside inside street water ball child children boy girl two three red blue young "

@@ -34,5 +34,5 @@ def test_default_run_on_embedded_data_trains_triplets(tmp_path):
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 2 and steps[0]["negatives_per_anchor"] == 2 * 8 - 1  # triplets: positives + negatives
-    assert sum("stsb_spearman" in r for r in records) == 2  # before and after
+    assert sum("sts/spearman" in r for r in records) == 2  # before and after
     assert EMBEDDED_TRAIN.is_file()

@@ -54,11 +54,11 @@ def test_run_writes_model_metrics_checkpoints_and_best(trained):
     assert [r["step"] for r in train_logs] == [2, 4, 6]
     assert all(r["global_batch"] == 4 and r["negatives_per_anchor"] == 7 for r in train_logs)
     assert train_logs[0]["lr"] > 0
-    evals = [r for r in records if "stsb_spearman" in r]
+    evals = [r for r in records if "sts/spearman" in r]  # the evaluator is named after its file
     assert [r["step"] for r in evals] == [0, 3, 6]
     assert json.loads((out / "sentence_bert_config.json").read_text())["max_seq_length"] == 32
     card = (out / "README.md").read_text()
-    assert "Optimizer steps: 6" in card and "Spearman" in card
+    assert "Optimizer steps: 6" in card and "spearman" in card
 
 
 def test_weights_changed(trained, tiny_model):
@@ -174,3 +174,30 @@ def test_matryoshka_run_trains_and_a_size_above_the_model_is_refused(tmp_path, t
     assert first(tmp_path / "m") > first(plain)  # three losses summed, same first batch
     assert main(_args(tiny_model, nli_file, tmp_path / "x", *common, "--matryoshka-dims", "64,16")) == 2
     assert "the model's embeddings have 32 dimensions" in capsys.readouterr().err
+
+
+def test_every_evaluator_runs_in_training_and_metric_for_best_picks_best(tmp_path, tiny_model, nli_file, sts_file,
+                                                                          capsys, caplog):
+    from conftest import write_tsv
+
+    dev = write_tsv(tmp_path / "dev_pairs.tsv", ["anchor", "positive"],
+                    [[f"a man {w} {i} is outside", f"a person {w} {i} plays"] for i, w in enumerate(WORDS_FOR_DEV)])
+    out = tmp_path / "o"
+    common = ("--max-steps", "4", "--eval-steps", "2", "--lr", "1e-3", "--cache-dir", str(tmp_path / "c"),
+              "--eval-data", f"{sts_file},{dev}")
+    assert main(_args(tiny_model, nli_file, out, *common, "--metric-for-best", "dev_pairs/mrr@10")) == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "dev_pairs/ndcg@10" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4] and all("sts/spearman" in r for r in evals)
+    assert {"dev_pairs/mrr@10", "dev_pairs/recall@10", "dev_pairs/map@100", "dev_pairs/accuracy@1"} <= set(evals[0])
+    best = max(evals[1:], key=lambda r: r["dev_pairs/mrr@10"])["dev_pairs/mrr@10"]
+    card = (out / "best" / "README.md").read_text()
+    assert f"{best:.4f}" in card  # best/ is the model of the best mrr@10
+    assert "evaluation: retrieval, dev_pairs" in caplog.text  # each set's kind named in the start-up log
+    assert "eval after training: sts/spearman" in capsys.readouterr().out
+    assert main(_args(tiny_model, nli_file, tmp_path / "x", *common, "--metric-for-best", "dev_pairs/ndcg@11")) == 2
+    err = capsys.readouterr().err
+    assert "metric_for_best='dev_pairs/ndcg@11'" in err and "sts/spearman" in err
+
+
+WORDS_FOR_DEV = "dog cat child boy girl car house tree".split()
