@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -96,11 +97,13 @@ class TrainConfig:
              "at least one in-batch negative)")
         need(self.epochs >= 1, "epochs", "must be >= 1")
         need(self.max_steps == -1 or self.max_steps >= 1, "max_steps", "must be -1 (all epochs) or >= 1")
-        need(self.lr > 0, "lr", "must be > 0")
+        # ranges written as `lo <= x <= hi` are False for NaN too; the upper bounds keep out values that can
+        # only blow the weights up (an exported model of NaNs), not merely unusual ones
+        need(0 < self.lr <= 1, "lr", "must be in (0, 1] (AdamW peak rate; typical 1e-5 .. 1e-4)")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
-        need(self.scale > 0, "scale", "must be > 0 (it is 1/temperature)")
+        need(0 <= self.weight_decay <= 1, "weight_decay", "must be in [0, 1] (typical 0.01)")
+        need(0 <= self.max_grad_norm < math.inf, "max_grad_norm", "must be finite and >= 0 (0 disables clipping)")
+        need(0 < self.scale <= 1000, "scale", "must be in (0, 1000] (it is 1/temperature; typical 20)")
         need(self.max_seq_length >= 4, "max_seq_length", "must be >= 4 tokens")
         need(self.mini_batch_size >= 0, "mini_batch_size", "must be >= 0 (0 disables GradCache)")
         need(self.mini_batch_size <= self.batch_size, "mini_batch_size",

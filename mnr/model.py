@@ -175,3 +175,8 @@ def model_card(info: dict) -> str:
     lines += ["", "```python", "from sentence_transformers import SentenceTransformer",
               "model = SentenceTransformer('PATH')", "```", ""]
     return "\n".join(lines)
+
+
+def nonfinite_weights(module: torch.nn.Module) -> list[str]:
+    """Names of the parameters that hold NaN or inf (a model of them must never be exported)."""
+    return [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
