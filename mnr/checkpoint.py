@@ -169,12 +169,18 @@ def read_state(checkpoint: str | os.PathLike) -> TrainState:
 
 
 def newest_intact_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, TrainState] | None:
-    """The newest checkpoint that reads back whole; each damaged newer one is skipped with a warning."""
+    """The newest checkpoint that reads back whole; each damaged newer one is skipped with a warning, and when
+    none is intact the newest one's damage is the error."""
+    first_error = None
     for ckpt in reversed(list_checkpoints(output_dir)):
         try:
             return ckpt, read_state(ckpt)
         except CheckpointError as err:
             logger.warning("%s; falling back to the previous checkpoint", err)
+            first_error = first_error or err
+    if first_error is not None:
+        raise CheckpointError(f"{first_error}; no intact checkpoint to fall back to (--overwrite-output-dir starts "
+                              f"again)")
     return None
 
 
