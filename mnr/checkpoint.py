@@ -79,17 +79,20 @@ def _model_hash(model_path: str) -> str:
         digest.update(f.name.encode())
         if f.stat().st_size <= _FULL_HASH_LIMIT:
             _hash_file(digest, f)
-        else:
+        else:  # the safetensors header (names, shapes, offsets), size and mtime: not GBs of reading
             with open(f, "rb") as fh:
-                digest.update(fh.read(8 + int.from_bytes(fh.read(8), "little")))
+                digest.update(fh.read(min(int.from_bytes(fh.read(8), "little"), 100 << 20)))
             digest.update(f"{f.stat().st_size} {f.stat().st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
 
 
 def _hash_file(digest, path: Path) -> None:
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as err:  # unreadable: loading the file names the problem; the hash only records it
+        digest.update(f"unreadable: {err.strerror}".encode())
 
 
 @dataclass

@@ -214,12 +214,17 @@ def _bad_input_cases(tmp_path: Path, tiny_model: Path) -> dict:
         "output dir holds other files": (["--output-dir", str(taken)], "--overwrite-output-dir"),
         "output dir unwritable": (["--output-dir", str(blocker / "sub")], "is not writable"),
         "missing train file": (["--train-data", str(tmp_path / "nope.tsv")], "no such file"),
+        "lr inf": (["--lr", "inf"], "lr=inf"),
+        "weight decay nan": (["--weight-decay", "nan"], "weight_decay=nan"),
+        "scale absurd": (["--scale", "1e9"], "scale=1000000000.0"),
+        "max grad norm inf": (["--max-grad-norm", "inf"], "max_grad_norm=inf"),
     }, good
 
 
 BAD_INPUTS = ["empty file", "no expected columns", "non-UTF-8 bytes", "stray quote in CSV", "smaller than one batch",
               "batch size 1", "seq length beyond positions", "not a model", "no safetensors weights",
-              "output dir holds other files", "output dir unwritable", "missing train file"]
+              "output dir holds other files", "output dir unwritable", "missing train file", "lr inf",
+              "weight decay nan", "scale absurd", "max grad norm inf"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
