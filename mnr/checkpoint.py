@@ -115,6 +115,9 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainState":
+        for key in ("epoch", "step_in_epoch", "global_step"):
+            if not isinstance(data[key], int) or data[key] < 0:
+                raise TypeError(f"{key}={data[key]!r}")
         return cls(epoch=data["epoch"], step_in_epoch=data["step_in_epoch"], global_step=data["global_step"],
                    best_score=data.get("best_score"), skipped_steps=data.get("skipped_steps", 0),
                    stsb_before=data.get("stsb_before"), run_identity=data["run_identity"],

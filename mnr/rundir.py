@@ -20,7 +20,7 @@ import socket
 import time
 from pathlib import Path
 
-from mnr.checkpoint import identity_changes, list_checkpoints
+from mnr.checkpoint import identity_changes, list_checkpoints, newest_intact_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +34,24 @@ class OutputDirError(RuntimeError):
     """The output dir cannot be used for this run; the message says why and what to pass."""
 
 
-def read_marker(out: Path) -> dict | None:
-    """The run record of an output dir, or None when there is none (or it is unreadable)."""
+def saved_identity(out: Path) -> dict | None:
+    """The run identity recorded in an output dir: its mnr_run.json, or (that file damaged or missing) its
+    newest intact checkpoint's; None when it holds no mnr run."""
     try:
         data = json.loads((out / RUN_MARKER).read_text(encoding="utf-8"))
+        if isinstance(data, dict) and isinstance(data.get("run_identity"), dict):
+            return data["run_identity"]
     except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("run_identity"), dict) else None
+        pass
+    found = newest_intact_checkpoint(out) if list_checkpoints(out) else None
+    return found[1].run_identity if found else None
+
+
+def write_marker(out: Path, identity: dict, config: dict, world_size: int) -> None:
+    """mnr_run.json, written atomically (a kill mid-write leaves the previous one)."""
+    tmp = out / (RUN_MARKER + ".tmp")
+    tmp.write_text(json.dumps({"run_identity": identity, "config": config, "world_size": world_size}, indent=2))
+    os.replace(tmp, out / RUN_MARKER)
 
 
 def check_output_dir(out: Path, model_path: str, identity: dict, resume: str, overwrite: bool) -> None:
@@ -52,8 +63,8 @@ def check_output_dir(out: Path, model_path: str, identity: dict, resume: str, ov
     contents = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
     if not contents:
         return
-    marker = read_marker(out)
-    changes = identity_changes(marker["run_identity"], identity) if marker else None
+    saved = saved_identity(out)
+    changes = identity_changes(saved, identity) if saved is not None else None
     if resume and changes == []:
         if resume == "auto" and not list_checkpoints(out) and (out / "model.safetensors").is_file():
             raise OutputDirError(f"output_dir={str(out)!r} holds this run, finished, and no checkpoint to resume; "

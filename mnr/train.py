@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ from mnr.launch import LaunchError, make_accelerator
 from mnr.loss import mnr_loss, split_roles
 from mnr.model import ModelError, load_encoder, max_positions, nonfinite_weights, resolve_model_path, save_model
 from mnr.reporting import MetricsLog, Progress, StopRequest, Throughput, setup_logging
-from mnr.rundir import RUN_MARKER, OutputDirError, open_output_dir, release_locks
+from mnr.rundir import OutputDirError, open_output_dir, release_locks, write_marker
 
 logger = logging.getLogger("mnr")
 MAX_SKIPPED_SHARE = 0.25  # --skip-nonfinite: stop once more than this share of the run's steps was skipped
@@ -233,8 +232,7 @@ def setup(cfg: TrainConfig) -> Trainer:
         t.state = _resume(t, *resume_from)
     t.metrics.truncate_after(t.state.global_step if resume_from else -1)  # records a resume redoes, or all
     if distributed.is_main():
-        (out / RUN_MARKER).write_text(json.dumps({"run_identity": identity, "config": cfg.to_dict(), "world_size": world},
-                                                 indent=2))
+        write_marker(out, identity, cfg.to_dict(), world)
     left_over = examples - sampler.steps_in_epoch(0) * t.global_batch
     logger.info("%d examples -> %d global batches of %d per epoch (%d wait for the next epoch's reshuffle); "
                 "%d steps; %d processes x %d; %d negatives per anchor%s", examples, sampler.steps_in_epoch(0),

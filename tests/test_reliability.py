@@ -503,3 +503,16 @@ def test_bad_input_under_two_processes_prints_one_error_line(tmp_path, tiny_mode
                                                              f"(no header line)"]
     assert not any(x.startswith("[rank") for x in lines), proc.stderr[-3000:]
     assert "exitcode  : 2" in proc.stderr  # every worker exits 2 (the launcher itself always exits 1)
+
+
+def test_a_damaged_run_record_falls_back_to_the_checkpoints_identity(tmp_path, tiny_model, train_file, capsys):
+    out = tmp_path / "run"
+    common = ["--max-steps", "2", "--save-steps", "1"]
+    assert main(_args(tiny_model, train_file, out, *common)) == 0
+    (out / "mnr_run.json").write_text('{"run_identity": {"lr"')  # cut short
+    assert main(_args(tiny_model, train_file, out, *common, "--lr", "2e-3", "--resume", "auto")) == 2
+    assert "lr: 0.001 -> 0.002" in capsys.readouterr().err
+    state = out / "checkpoint-2" / "trainer_state.json"
+    state.write_text(state.read_text().replace('"global_step": 2', '"global_step": "two"'))
+    assert main(_args(tiny_model, train_file, out, *common, "--resume", "auto")) == 0  # falls back to checkpoint-1
+    assert json.loads((out / "mnr_run.json").read_text())["run_identity"]["lr"] == 1e-3
