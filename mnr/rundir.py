@@ -57,9 +57,10 @@ def write_marker(out: Path, identity: dict, config: dict, world_size: int) -> No
 def check_output_dir(out: Path, model_path: str, identity: dict, resume: str, overwrite: bool) -> None:
     """Refuse an output dir this run must not write into (see the module docstring); moves an earlier run's
     checkpoints aside when --overwrite-output-dir allows it."""
-    if Path(model_path).is_dir() and out.is_dir() and out.resolve() == Path(model_path).resolve():
-        raise OutputDirError(f"output_dir={str(out)!r} is the directory of the model being trained; choose "
-                             f"another output dir (the base model would be overwritten)")
+    model = Path(model_path).resolve()
+    if model.is_dir() and out.is_dir() and (out.resolve() == model or out.resolve() in model.parents):
+        raise OutputDirError(f"output_dir={str(out)!r} is or contains the model being trained ({model_path}); choose "
+                             f"another output dir (the base model would be overwritten or moved aside)")
     contents = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
     if not contents:
         return

@@ -326,7 +326,7 @@ def test_resume_never_writes_into_the_model_dir_or_a_finished_run(tmp_path, tiny
     before = {f.name: f.read_bytes() for f in model.iterdir()}
     for extra in (["--resume", "auto"], ["--overwrite-output-dir"]):
         assert main(_args(model, train_file, model, "--max-steps", "1", *extra)) == 2
-        assert "is the directory of the model being trained" in capsys.readouterr().err
+        assert "is or contains the model being trained" in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in model.iterdir()} == before
     out = tmp_path / "done"
     assert main(_args(tiny_model, train_file, out, "--max-steps", "1")) == 0
@@ -345,13 +345,13 @@ def test_resume_with_changed_settings_or_data_names_every_change(tmp_path, tiny_
     common = ["--max-steps", "2", "--save-steps", "1"]
     assert main(_args(tiny_model, train_file, out, *common)) == 0
     train_file.write_text(train_file.read_text().replace("playing", "singing"))
-    changed = ["--lr", "2e-3", "--weight-decay", "0.1", "--max-seq-length", "24", "--resume"]
+    changed = ["--lr", "2e-3", "--weight-decay", "0.1", "--max-seq-length", "24", "--max-steps", "3", "--resume"]
     for where in ("auto", str(out / "checkpoint-1")):  # the output-dir guard, and the checkpoint itself
         target = out if where == "auto" else tmp_path / "elsewhere"
         assert main(_args(tiny_model, train_file, target, *common, *changed, where)) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         for change in ("lr: 0.001 -> 0.002", "weight_decay: 0.01 -> 0.1", "max_seq_length: 32 -> 24",
-                       "train_data_files: '"):
+                       "max_steps: 2 -> 3", "train_data_files: '"):
             assert change in err, err
         assert "eval_steps" not in err and "log_steps" not in err
 
