@@ -176,7 +176,7 @@ def finish(t: Trainer) -> dict:
     bad = nonfinite_weights(t.accelerator.unwrap_model(t.model))  # the same on every process
     if bad:
         raise TrainingError(f"not exported: {len(bad)} weight tensors hold NaN or inf after step {t.state.global_step} "
-                            f"(first: {bad[0]}); resume from an earlier checkpoint with a lower --lr")
+                            f"(first: {bad[0]}); start again with a lower --lr")
     if after is not None and t.cfg.eval_steps:
         _keep_best(t, after)
     distributed.run_on_main(lambda: export(t, t.out, after))
@@ -346,7 +346,7 @@ def _skip_step(t: Trainer, batch: dict) -> None:
     bad = nonfinite_weights(t.accelerator.unwrap_model(t.model))  # the same on every process
     if bad:
         raise TrainingError(f"the weights hold NaN or inf at {where} ({len(bad)} tensors, first: {bad[0]}); "
-                            f"skipping steps cannot recover: resume from an earlier checkpoint with a lower --lr")
+                            f"skipping steps cannot recover: start again with a lower --lr")
     if st.skipped_steps > MAX_SKIPPED_SHARE * t.total_steps:
         raise TrainingError(f"{st.skipped_steps} of {t.total_steps} steps skipped by {where} (more than "
                             f"{MAX_SKIPPED_SHARE:.0%}): the run is not learning; lower --lr or check the data")
