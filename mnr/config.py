@@ -115,6 +115,8 @@ class TrainConfig:
         need(self.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0 keeps all)")
         need(self.log_steps >= 1, "log_steps", "must be >= 1")
         need(bool(self.output_dir.strip()), "output_dir", "must not be empty")
+        need(not os.path.exists(self.cache_dir) or os.path.isdir(self.cache_dir), "cache_dir",
+             "must be a directory (this is a file)")
         need(self.report_to in ("auto", "none", "tensorboard", "wandb", "all"), "report_to",
              "allowed: auto, none, tensorboard, wandb, all")
         if self.resume and self.resume != "auto":

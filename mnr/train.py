@@ -39,7 +39,8 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, bad output dir ...); the message says where and why."""
 
 
-USER_ERRORS = (ValueError, DataError, ModelError, CheckpointError, TrainingError, LaunchError, OutputDirError)
+# OSError: a file or disk problem of the user's environment (permissions, a full disk), reported the same way
+USER_ERRORS = (ValueError, DataError, ModelError, CheckpointError, TrainingError, LaunchError, OutputDirError, OSError)
 
 
 @dataclass
