@@ -182,7 +182,8 @@ def newest_intact_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, Train
         try:
             return ckpt, read_state(ckpt)
         except CheckpointError as err:
-            logger.warning("%s; falling back to the previous checkpoint", err)
+            if distributed.is_main():  # every process checks; one says so
+                logger.warning("%s; falling back to the previous checkpoint", err)
             first_error = first_error or err
     if first_error is not None:
         raise CheckpointError(f"{first_error}; no intact checkpoint to fall back to (--overwrite-output-dir starts "
