@@ -133,11 +133,14 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
             os.close(fd)
             raise OutputDirError(f"output_dir={str(self.path.parent)!r} is in use by another mnr run ({holder}); "
                                  f"wait for it to end or choose another output dir") from None
+        except OSError as err:  # a filesystem without locks (some network mounts): train, but say so
+            logger.warning("cannot lock %s (%s): nothing keeps a second run out of this output dir", self.path,
+                           err.strerror or err)
         os.ftruncate(fd, 0)  # a stale record of a dead holder is replaced
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}".encode(), 0)
