@@ -3,13 +3,16 @@
 Layout of `<output_dir>/checkpoint-<step>/`:
     model files (safetensors, config, tokenizer, sentence-transformers files) -- loadable as a model
     training_state/    Accelerate's save_state: model, optimizer, scheduler, scaler, RNG of every process
-    trainer_state.json position (epoch, step in epoch, global step), run shape, best score; written last
+    trainer_state.json position (epoch, step in epoch, global step), run identity, best score, and the size of
+                       every other file of the checkpoint; written last
 A checkpoint is written as `checkpoint-<step>.tmp` and renamed when complete, so a crash mid-save leaves
-the previous checkpoint as the newest complete one.
+the previous checkpoint as the newest complete one; a file damaged later (truncated, missing) is found by its
+size before anything is loaded, and `--resume auto` falls back to the previous intact checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,20 +35,70 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or resumed from; the message names it and says why."""
 
 
-# The run shape: settings a resume must match, because the data order and every process's RNG stream are
-# functions of them. Listed once; written into every checkpoint and compared on resume.
-RUN_SHAPE_KEYS = ("world_size", "batch_size", "seed", "hard_negatives", "length_grouping")
+# Run identity: what determines the weights a run produces. Every TrainConfig field is in it except these,
+# which may change between a run and its resume (README "Reliability" lists them). Data, model and eval files
+# enter by content hash, so an edited file under the same name is a different run.
+MAY_CHANGE_ON_RESUME = ("log_steps", "eval_steps", "save_steps", "save_total_limit", "progress", "report_to",
+                        "resume", "output_dir", "overwrite_output_dir", "cache_dir", "config", "skip_nonfinite")
+_FULL_HASH_LIMIT = 1 << 30  # weight files above 1 GiB: hash of the safetensors header + size + mtime instead
 
 
-def run_shape(cfg, world_size: int) -> dict:
-    """This run's values of RUN_SHAPE_KEYS (cfg: a TrainConfig)."""
-    return {key: world_size if key == "world_size" else getattr(cfg, key) for key in RUN_SHAPE_KEYS}
+def run_identity(cfg, world_size: int, model_path: str, train_spec: str, eval_spec: str) -> dict:
+    """The fingerprint of a run, flat (key -> value), compared key by key on resume (cfg: a TrainConfig)."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in MAY_CHANGE_ON_RESUME}
+    return {"world_size": world_size, **settings, "model_files": _model_hash(model_path),
+            "train_data_files": _sources_hash(train_spec), "eval_data_files": _sources_hash(eval_spec)}
+
+
+def identity_changes(saved: dict, now: dict) -> list[str]:
+    """'key: saved -> now' for every key that differs (a key missing on one side counts as None)."""
+    return [f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(saved) | set(now))
+            if saved.get(key) != now.get(key)]
+
+
+def _sources_hash(spec: str) -> str:
+    """sha256 over every comma-separated source: a local file's bytes, a hub name as given."""
+    digest = hashlib.sha256()
+    for source in (s.strip() for s in spec.split(",") if s.strip()):
+        digest.update(source.encode() + b"\0")
+        if os.path.isfile(source):
+            _hash_file(digest, Path(source))
+    return digest.hexdigest()[:16]
+
+
+def _model_hash(model_path: str) -> str:
+    """A local model directory: config.json and the weights (whole files up to 1 GiB, else header, size and
+    mtime); a hub id: the id."""
+    root = Path(model_path)
+    digest = hashlib.sha256(str(model_path).encode())
+    if not root.is_dir():
+        return digest.hexdigest()[:16]
+    for f in sorted(root.glob("*.safetensors")) + [root / "config.json"]:
+        if not f.is_file():
+            continue
+        digest.update(f.name.encode())
+        if f.stat().st_size <= _FULL_HASH_LIMIT:
+            _hash_file(digest, f)
+        else:  # the safetensors header (names, shapes, offsets), size and mtime: not GBs of reading
+            with open(f, "rb") as fh:
+                digest.update(fh.read(min(int.from_bytes(fh.read(8), "little"), 100 << 20)))
+            digest.update(f"{f.stat().st_size} {f.stat().st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _hash_file(digest, path: Path) -> None:
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as err:  # unreadable: loading the file names the problem; the hash only records it
+        digest.update(f"unreadable: {err.strerror}".encode())
 
 
 @dataclass
 class TrainState:
-    """Where training is (the resumable data position and counters), what it must match, and what it keeps
-    across a resume; `to_dict()` is trainer_state.json (flat, as written since the first release)."""
+    """Where training is (the resumable data position and counters), what run it belongs to, and what it keeps
+    across a resume; `to_dict()` is trainer_state.json."""
 
     epoch: int = 0
     step_in_epoch: int = 0
@@ -53,27 +106,31 @@ class TrainState:
     best_score: float | None = None
     skipped_steps: int = 0
     metrics_before: dict = field(default_factory=dict)  # "evaluator/metric" -> score before training (model card)
-    shape: dict = field(default_factory=dict)  # RUN_SHAPE_KEYS -> value
+    run_identity: dict = field(default_factory=dict)  # run_identity(...) of the run that wrote it
     scheduler: dict = field(default_factory=dict)  # LambdaLR state without its lambdas
+    files: dict = field(default_factory=dict)  # relative path -> size of every file of the checkpoint
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        return {**{k: v for k, v in out.items() if k != "shape"}, **self.shape}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainState":
+        for key in ("epoch", "step_in_epoch", "global_step"):
+            if not isinstance(data[key], int) or data[key] < 0:
+                raise TypeError(f"{key}={data[key]!r}")
         return cls(epoch=data["epoch"], step_in_epoch=data["step_in_epoch"], global_step=data["global_step"],
                    best_score=data.get("best_score"), skipped_steps=data.get("skipped_steps", 0),
-                   metrics_before=data.get("metrics_before") or {}, shape={k: data.get(k) for k in RUN_SHAPE_KEYS},
-                   scheduler=data.get("scheduler", {}))
+                   metrics_before=data.get("metrics_before") or {}, run_identity=data["run_identity"],
+                   scheduler=data["scheduler"], files=data.get("files", {}))
 
-    def check_same_shape(self, now: dict, checkpoint: str | os.PathLike) -> None:
-        """Stop with a clear message when this run's shape differs from the checkpoint's."""
-        for key in RUN_SHAPE_KEYS:
-            if self.shape.get(key) != now[key]:
-                raise CheckpointError(f"cannot resume from {checkpoint}: it was saved with {key}={self.shape.get(key)!r}, "
-                                      f"this run has {key}={now[key]!r}; resume with the same setting (or start a "
-                                      f"new run)")
+    def check_same_run(self, now: dict, checkpoint: str | os.PathLike) -> None:
+        """Stop, naming every changed setting with its saved and its new value, when this run is not the
+        checkpoint's run."""
+        changes = identity_changes(self.run_identity, now)
+        if changes:
+            raise CheckpointError(f"cannot resume from {checkpoint}: it belongs to another run ({'; '.join(changes)}); "
+                                  f"resume with the same settings and data, or start a new run in another "
+                                  f"output dir")
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -95,17 +152,43 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 def read_state(checkpoint: str | os.PathLike) -> TrainState:
+    """The checkpoint's state, after checking every file it lists is there with its saved size (a truncated or
+    missing file is named); raises CheckpointError."""
     path = Path(checkpoint) / STATE_FILE
     if not path.is_file() or not (Path(checkpoint) / STATE_DIR).is_dir():
         raise CheckpointError(f"resume={str(checkpoint)!r} is not a complete mnr checkpoint (no {STATE_FILE} "
                               f"and {STATE_DIR}/)")
     try:
-        return TrainState.from_dict(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError) as err:
+        state = TrainState.from_dict(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"resume={str(checkpoint)!r}: unreadable {STATE_FILE} ({err})") from None
     except (KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"resume={str(checkpoint)!r}: {STATE_FILE} is damaged (missing or bad field "
                               f"{err})") from None
+    for rel, size in state.files.items():
+        f = Path(checkpoint) / rel
+        found = f.stat().st_size if f.is_file() else None
+        if found != size:
+            raise CheckpointError(f"resume={str(checkpoint)!r}: {rel} is damaged ({'missing' if found is None else f'{found} bytes'}, "
+                                  f"saved with {size})")
+    return state
+
+
+def newest_intact_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, TrainState] | None:
+    """The newest checkpoint that reads back whole; each damaged newer one is skipped with a warning, and when
+    none is intact the newest one's damage is the error."""
+    first_error = None
+    for ckpt in reversed(list_checkpoints(output_dir)):
+        try:
+            return ckpt, read_state(ckpt)
+        except CheckpointError as err:
+            if distributed.is_main():  # every process checks; one says so
+                logger.warning("%s; falling back to the previous checkpoint", err)
+            first_error = first_error or err
+    if first_error is not None:
+        raise CheckpointError(f"{first_error}; no intact checkpoint to fall back to (--overwrite-output-dir starts "
+                              f"again)")
+    return None
 
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: TrainState,
@@ -123,27 +206,50 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
         accelerator.save_state(str(tmp / STATE_DIR), safe_serialization=True)
         if distributed.is_main():
             export_model(tmp)
-            (tmp / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2))  # last: marks the checkpoint complete
     except OSError as err:
         error = err
-    failed = any(distributed.all_gather_object(error is not None))
+    failed = any(distributed.all_gather_object(error is not None))  # also: every process's files are written
     if failed:
         if distributed.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(out)
         raise CheckpointError(f"saving checkpoint-{step} failed ({error or 'on another process'}); "
                               f"the previous checkpoint is intact: {previous or 'none yet'}")
-    if distributed.is_main():
+
+    def complete() -> None:
+        state.files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2))  # last: marks the checkpoint complete
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         if save_total_limit:
-            for old in list_checkpoints(out)[:-save_total_limit]:
+            for old in rotated_out(list_checkpoints(out), step, save_total_limit):
                 shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier()
+
+    try:
+        distributed.run_on_main(complete)
+    except OSError as err:
+        raise CheckpointError(f"saving checkpoint-{step} failed ({err}); the previous checkpoint is intact: "
+                              f"{latest_checkpoint(out) or 'none yet'}") from None
     return final
+
+
+def rotated_out(checkpoints: list[Path], step: int, keep: int) -> list[Path]:
+    """Which checkpoints --save-total-limit removes after checkpoint-<step> was saved: never that one; first
+    those of steps after it (left by a run that was resumed from an older checkpoint: an abandoned branch,
+    redone by this run), then the oldest."""
+    def number(p: Path) -> int:
+        return int(_CKPT.match(p.name).group(1))
+
+    others = [p for p in checkpoints if number(p) != step]
+    order = [p for p in others if number(p) > step] + [p for p in others if number(p) < step]
+    return order[: max(0, len(checkpoints) - keep)]
 
 
 def load_checkpoint(accelerator, checkpoint: str | os.PathLike) -> None:
     """Restore model, optimizer, scaler and RNG states (tensors loaded with weights_only=True)."""
-    accelerator.load_state(str(Path(checkpoint) / STATE_DIR), load_kwargs={"weights_only": True})
+    try:
+        accelerator.load_state(str(Path(checkpoint) / STATE_DIR), load_kwargs={"weights_only": True})
+    except Exception as err:  # a damaged file that kept its size (older checkpoints list no sizes)
+        raise CheckpointError(f"resume={str(checkpoint)!r}: cannot load {STATE_DIR}/ "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None

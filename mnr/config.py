@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -105,11 +106,13 @@ class TrainConfig:
              "at least one in-batch negative)")
         need(self.epochs >= 1, "epochs", "must be >= 1")
         need(self.max_steps == -1 or self.max_steps >= 1, "max_steps", "must be -1 (all epochs) or >= 1")
-        need(self.lr > 0, "lr", "must be > 0")
+        # ranges written as `lo <= x <= hi` are False for NaN too; the upper bounds keep out values that can
+        # only blow the weights up (an exported model of NaNs), not merely unusual ones
+        need(0 < self.lr <= 1, "lr", "must be in (0, 1] (AdamW peak rate; typical 1e-5 .. 1e-4)")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
-        need(self.scale > 0, "scale", "must be > 0 (it is 1/temperature)")
+        need(0 <= self.weight_decay <= 1, "weight_decay", "must be in [0, 1] (typical 0.01)")
+        need(0 <= self.max_grad_norm < math.inf, "max_grad_norm", "must be finite and >= 0 (0 disables clipping)")
+        need(0 < self.scale <= 1000, "scale", "must be in (0, 1000] (it is 1/temperature; typical 20)")
         need(self.max_seq_length >= 4, "max_seq_length", "must be >= 4 tokens")
         need(self.mini_batch_size >= 0, "mini_batch_size", "must be >= 0 (0 disables GradCache)")
         need(self.mini_batch_size <= self.batch_size, "mini_batch_size",
@@ -121,6 +124,8 @@ class TrainConfig:
         need(self.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0 keeps all)")
         need(self.log_steps >= 1, "log_steps", "must be >= 1")
         need(bool(self.output_dir.strip()), "output_dir", "must not be empty")
+        need(not os.path.exists(self.cache_dir) or os.path.isdir(self.cache_dir), "cache_dir",
+             "must be a directory (this is a file)")
         need(self.report_to in ("auto", "none", "tensorboard", "wandb", "all"), "report_to",
              "allowed: auto, none, tensorboard, wandb, all")
         need(all(d.isdigit() and int(d) > 0 for d in _items(self.matryoshka_dims)), "matryoshka_dims",

@@ -90,6 +90,56 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (RANK; 0 under plain `python`), also before any group exists:
+    who reports an error that stopped the run before (or after) the process group was set up."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def raise_first(errors: list) -> None:
+    """Raise the first exception of a gathered list on every process (no-op when all are None)."""
+    for error in errors:
+        if error is not None:
+            raise error
+
+
+def run_on_main(fn):
+    """fn() on the main process only; its exception, if any, is raised on every process (a sync point).
+
+    Work done on the main process alone (output dir, export) must not leave the other processes waiting in a
+    collective when it fails: they would block, or die with a transport traceback when the main one exits."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as err:  # re-raised below, on every process
+            error = err
+    raise_first(all_gather_object(error)[:1])
+    return result
+
+
+def main_first(fn):
+    """fn() on the main process, then (if it succeeded) on the others, e.g. the main one fills a cache the others
+    read; the first failure is raised on every process."""
+    result = run_on_main(fn)
+    error = None
+    if not is_main():
+        try:
+            result = fn()
+        except Exception as err:
+            error = err
+    raise_first(all_gather_object(error))
+    return result
+
+
+def shutdown() -> None:
+    """Leave the process group without a collective (after an error every process reports and exits)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def any_true(flags: torch.Tensor) -> list[bool]:
     """Element-wise OR of a 1-d tensor of 0/1 flags over all processes; one small all-reduce and one host sync.
 

@@ -321,3 +321,8 @@ def _version() -> str:
     from mnr import __version__
 
     return __version__
+
+
+def nonfinite_weights(module: torch.nn.Module) -> list[str]:
+    """Names of the parameters that hold NaN or inf (a model of them must never be exported)."""
+    return [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]

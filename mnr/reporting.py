@@ -31,11 +31,19 @@ class MetricsLog:
         self.path = path
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop records of steps the crashed run did after its checkpoint (they are redone)."""
+        """On resume: drop records of steps the crashed run did after its checkpoint (they are redone), and
+        damaged lines (with a warning); step=-1 drops all (a run that starts again from scratch)."""
         if not distributed.is_main() or not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = []
+        for number, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:  # e.g. the last line, cut short by a kill mid-write
+                logging.getLogger("mnr").warning("%s line %d is damaged, dropped: %.60r", self.path, number, line)
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                keep.append(line)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
         os.replace(tmp, self.path)

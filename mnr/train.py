@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -20,26 +19,28 @@ import torch
 
 from mnr import distributed
 from mnr.batching import Collator, GlobalBatchSampler, example_lengths, make_loader
-from mnr.checkpoint import (CheckpointError, TrainState, latest_checkpoint, load_checkpoint, read_state, run_shape,
-                            save_checkpoint)
-from mnr.config import EMBEDDED_TRAIN, TrainConfig
+from mnr.checkpoint import (CheckpointError, TrainState, load_checkpoint, newest_intact_checkpoint, read_state,
+                            run_identity, save_checkpoint)
+from mnr.config import EMBEDDED_EVAL, EMBEDDED_TRAIN, TrainConfig
 from mnr.data import DataError, load_examples, tokenize_examples
 from mnr.evaluate import Evaluator, build_evaluators, metric_choices
 from mnr.gradcache import cached_loss_and_backward
 from mnr.launch import LaunchError, make_accelerator
 from mnr.loss import mnr_loss, split_roles
-from mnr.model import ModelError, load_encoder, max_positions, resolve_model_path, save_model
+from mnr.model import ModelError, load_encoder, max_positions, nonfinite_weights, resolve_model_path, save_model
 from mnr.reporting import LogWindow, MetricsLog, Progress, StopRequest, setup_logging
+from mnr.rundir import OutputDirError, open_output_dir, release_locks, write_marker
 
 logger = logging.getLogger("mnr")
-RUN_MARKER = "mnr_run.json"  # the config and world size of the run that wrote this output dir
+MAX_SKIPPED_SHARE = 0.25  # --skip-nonfinite: stop once more than this share of the run's steps was skipped
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, bad output dir ...); the message says where and why."""
 
 
-USER_ERRORS = (ValueError, DataError, ModelError, CheckpointError, TrainingError, LaunchError)
+# OSError: a file or disk problem of the user's environment (permissions, a full disk), reported the same way
+USER_ERRORS = (ValueError, DataError, ModelError, CheckpointError, TrainingError, LaunchError, OutputDirError, OSError)
 
 
 @dataclass
@@ -89,18 +90,21 @@ class Trainer:
 
 def run(cfg: TrainConfig) -> dict:
     """Train as configured; returns a summary (scores, steps, paths). Raises a USER_ERRORS type on bad input."""
-    t = setup(cfg)
-    if t.state.global_step == 0 and not t.state.metrics_before:
-        t.state.metrics_before = _evaluate_and_log(t, "before training")
-    t.summary["metrics_before"] = t.state.metrics_before
-    t.stop.install()
-    t.progress = Progress(cfg.progress, t.total_steps, t.state.global_step)
     try:
-        completed = train(t)
+        t = setup(cfg)
+        if t.state.global_step == 0 and not t.state.metrics_before:
+            t.state.metrics_before = _evaluate_and_log(t, "before training")
+        t.summary["metrics_before"] = t.state.metrics_before
+        t.stop.install()
+        t.progress = Progress(cfg.progress, t.total_steps, t.state.global_step)
+        try:
+            completed = train(t)
+        finally:
+            t.progress.close()
+            t.stop.restore()
+        return finish(t) if completed else t.summary
     finally:
-        t.progress.close()
-        t.stop.restore()
-    return finish(t) if completed else t.summary
+        release_locks()  # the output dir's lock, however the run ended
 
 
 def train(t: Trainer) -> bool:
@@ -174,11 +178,13 @@ def train_step(t: Trainer, batch: dict) -> torch.Tensor:
 def finish(t: Trainer) -> dict:
     """Final evaluation, best/ and the exported model; returns the run's summary."""
     after = _evaluate_and_log(t, "after training")
+    bad = nonfinite_weights(t.accelerator.unwrap_model(t.model))  # the same on every process
+    if bad:
+        raise TrainingError(f"not exported: {len(bad)} weight tensors hold NaN or inf after step {t.state.global_step} "
+                            f"(first: {bad[0]}); start again with a lower --lr")
     if after and t.cfg.eval_steps:
         _keep_best(t, after)
-    if distributed.is_main():
-        export(t, t.out, after)
-    distributed.barrier()
+    distributed.run_on_main(lambda: export(t, t.out, after))
     st = t.state
     t.summary.update(metrics_after=after, steps=st.global_step, skipped_steps=st.skipped_steps,
                      best_metric=t.best_metric, best_score=st.best_score)
@@ -197,13 +203,19 @@ def setup(cfg: TrainConfig) -> Trainer:
 
     accelerator, report_to = make_accelerator(cfg)
     setup_logging(distributed.is_main())
-    out = prepare_output_dir(cfg)
+    model_path = resolve_model_path(cfg.model)
+    identity = run_identity(cfg, accelerator.num_processes, model_path, cfg.train_data or str(EMBEDDED_TRAIN),
+                            cfg.eval_data or str(EMBEDDED_EVAL))
+    out = prepare_output_dir(cfg, model_path, identity)
     resume_from = _find_resume(cfg, out)
     set_seed(cfg.seed)
     encoder, tokenizer = _setup_model(cfg)
     sampler, collator, examples, data_stats = _setup_data(cfg, tokenizer, accelerator)
     evaluators, best_metric = _setup_evaluators(cfg)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else sum(sampler.steps_in_epoch(e) for e in range(cfg.epochs))
+    if sampler.steps_in_epoch(0) == 0:
+        raise TrainingError(f"{examples} examples give no global batch of {cfg.batch_size * accelerator.num_processes} "
+                            f"without a repeated text; an epoch would have zero steps")
     optimizer = torch.optim.AdamW(param_groups(encoder, cfg.weight_decay), lr=cfg.lr)
     # Not passed to prepare(): Accelerate would step it once per process; we count global steps ourselves.
     # Its state goes into trainer_state.json, not register_for_checkpointing: Accelerate unpickles custom
@@ -217,14 +229,14 @@ def setup(cfg: TrainConfig) -> Trainer:
     t = Trainer(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
                 scheduler=scheduler, sampler=sampler, collator=collator, evaluators=evaluators,
                 best_metric=best_metric,
-                metrics=MetricsLog(accelerator, out / "metrics.jsonl"), state=TrainState(shape=run_shape(cfg, world)),
+                metrics=MetricsLog(accelerator, out / "metrics.jsonl"), state=TrainState(run_identity=identity),
                 out=out, total_steps=total_steps, examples=examples, data_stats=data_stats,
                 gather=cfg.gather_negatives if cfg.gather_negatives is not None else world > 1)
     if resume_from is not None:
-        t.state = _resume(t, resume_from)
-        t.metrics.truncate_after(t.state.global_step)
+        t.state = _resume(t, *resume_from)
+    t.metrics.truncate_after(t.state.global_step if resume_from else -1)  # records a resume redoes, or all
     if distributed.is_main():
-        (out / RUN_MARKER).write_text(json.dumps({"config": cfg.to_dict(), "world_size": world}, indent=2))
+        write_marker(out, identity, cfg.to_dict(), world)
     left_over = examples - sampler.steps_in_epoch(0) * t.global_batch
     logger.info("%d examples -> %d global batches of %d per epoch (%d wait for the next epoch's reshuffle); "
                 "%d steps; %d process%s x %d; %d negatives per anchor%s", examples, sampler.steps_in_epoch(0),
@@ -252,9 +264,12 @@ def _setup_model(cfg: TrainConfig):
 def _setup_data(cfg: TrainConfig, tokenizer, accelerator) -> tuple[GlobalBatchSampler, Collator, int, str]:
     """Examples -> token ids (cached) -> this process's sampler and the collator."""
     train_spec = cfg.train_data or str(EMBEDDED_TRAIN)
-    with accelerator.main_process_first():  # the main process tokenises and fills the cache; the others read it
+
+    def load():
         examples, stats = load_examples(train_spec, cfg.hard_negatives)
-        data = tokenize_examples(examples, tokenizer, cfg.max_seq_length, cfg.cache_dir)
+        return tokenize_examples(examples, tokenizer, cfg.max_seq_length, cfg.cache_dir), stats
+
+    data, stats = distributed.main_first(load)  # the main process fills the cache, the others read it
     logger.info("train data %s: %s", train_spec, stats.summary())
     sampler = GlobalBatchSampler(data.text_ids, cfg.batch_size, accelerator.num_processes, distributed.rank(),
                                  cfg.seed, example_lengths(data.token_ids, data.text_ids), cfg.length_grouping)
@@ -300,42 +315,27 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def prepare_output_dir(cfg: TrainConfig) -> Path:
-    """Refuse a foreign non-empty dir unless --overwrite-output-dir; check it is writable before training."""
+def prepare_output_dir(cfg: TrainConfig, model_path: str, identity: dict) -> Path:
+    """Lock and check the output dir before any work (see mnr/rundir.py); a refusal stops every process."""
     out = Path(cfg.output_dir)
-    if distributed.is_main():
-        if out.exists() and not out.is_dir():
-            raise TrainingError(f"output_dir={cfg.output_dir!r} exists and is not a directory")
-        if out.is_dir() and any(out.iterdir()) and not (cfg.overwrite_output_dir or cfg.resume):
-            raise TrainingError(f"output_dir={cfg.output_dir!r} exists and is not empty; pass "
-                                f"--overwrite-output-dir to write into it, or --resume auto to continue a run")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".mnr_write_test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as err:
-            raise TrainingError(f"output_dir={cfg.output_dir!r} is not writable ({err.strerror or err})") from None
-    distributed.barrier()
+    distributed.run_on_main(lambda: open_output_dir(out, model_path, identity, cfg.resume, cfg.overwrite_output_dir))
     return out
 
 
-def _find_resume(cfg: TrainConfig, out: Path) -> Path | None:
+def _find_resume(cfg: TrainConfig, out: Path) -> tuple[Path, TrainState] | None:
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
-        found = latest_checkpoint(out)
+        found = newest_intact_checkpoint(out)
         if found is None:
             logger.info("--resume auto: no complete checkpoint in %s, starting from scratch", out)
         return found
-    read_state(cfg.resume)  # fail early on a directory that is not a checkpoint
-    return Path(cfg.resume)
+    return Path(cfg.resume), read_state(cfg.resume)  # fails early on a directory that is not a checkpoint
 
 
-def _resume(t: Trainer, checkpoint: Path) -> TrainState:
-    """The checkpoint's state, after checking it has this run's shape (see RUN_SHAPE_KEYS)."""
-    state = read_state(checkpoint)
-    state.check_same_shape(run_shape(t.cfg, t.world), checkpoint)
+def _resume(t: Trainer, checkpoint: Path, state: TrainState) -> TrainState:
+    """The checkpoint's state, after checking it belongs to this run (see run_identity)."""
+    state.check_same_run(t.state.run_identity, checkpoint)
     load_checkpoint(t.accelerator, checkpoint)
     t.scheduler.load_state_dict({**state.scheduler, "lr_lambdas": [None] * len(t.scheduler.lr_lambdas)})
     logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.global_step, state.epoch,
@@ -371,6 +371,13 @@ def _skip_step(t: Trainer, batch: dict) -> None:
                             f"{batch['example_indices'].tolist()}; pass --skip-nonfinite to skip such steps")
     logger.warning("skipping %s: non-finite loss or gradient (examples %s); %d skipped so far", where,
                    batch["example_indices"].tolist(), st.skipped_steps)
+    bad = nonfinite_weights(t.accelerator.unwrap_model(t.model))  # the same on every process
+    if bad:
+        raise TrainingError(f"the weights hold NaN or inf at {where} ({len(bad)} tensors, first: {bad[0]}); "
+                            f"skipping steps cannot recover: start again with a lower --lr")
+    if st.skipped_steps > MAX_SKIPPED_SHARE * t.total_steps:
+        raise TrainingError(f"{st.skipped_steps} of {t.total_steps} steps skipped by {where} (more than "
+                            f"{MAX_SKIPPED_SHARE:.0%}): the run is not learning; lower --lr or check the data")
 
 
 def _log_step(t: Trainer, loss: torch.Tensor, grad_norm) -> None:
@@ -432,11 +439,9 @@ def _keep_best(t: Trainer, scores: dict[str, float]) -> None:
     st = t.state
     if st.best_score is None or score > st.best_score:
         st.best_score = score
-        if distributed.is_main():
-            export(t, t.out / "best", scores)
-            logger.info("new best %s %s at step %d -> %s", t.best_metric, _shown(t.best_metric, score),
-                        st.global_step, t.out / "best")
-    distributed.barrier()
+        distributed.run_on_main(lambda: export(t, t.out / "best", scores))  # a failure stops every process
+        logger.info("new best %s %s at step %d -> %s", t.best_metric, _shown(t.best_metric, score), st.global_step,
+                    t.out / "best")
 
 
 def export(t: Trainer, path: Path, scores: dict[str, float] | None = None) -> None:
@@ -497,7 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if os.environ.get("MNR_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        if distributed.launched_rank() == 0:  # every process stops with the same error: one line, from rank 0
+            print(f"error: {err}", file=sys.stderr)
+        distributed.shutdown()
         return 2
     if summary.get("interrupted"):
         return 128 + int(summary["interrupted"])
