@@ -18,14 +18,15 @@ from pathlib import Path
 import torch
 
 from mnr import distributed
-from mnr.batching import Collator, GlobalBatchSampler, example_lengths, make_loader
+from mnr.batching import Collator, GlobalBatchSampler, make_loader
 from mnr.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from mnr.config import EMBEDDED_EVAL, EMBEDDED_TRAIN, TrainConfig
-from mnr.data import DataError, load_examples, tokenize_examples
+from mnr.data import DataError
 from mnr.evaluate import load_sts, sts_spearman
 from mnr.gradcache import cached_loss_and_backward
 from mnr.loss import mnr_loss, split_roles
 from mnr.model import ModelError, load_encoder, max_positions, resolve_model_path, save_model
+from mnr.store import prepare_train_store
 
 logger = logging.getLogger("mnr")
 RUN_MARKER = "mnr_run.json"  # the config and world size of the run that wrote this output dir
@@ -211,15 +212,14 @@ def run(cfg: TrainConfig) -> dict:
     if limit is not None and cfg.max_seq_length > limit:
         raise TrainingError(f"max_seq_length={cfg.max_seq_length} exceeds the model's position limit ({limit} tokens)")
     train_spec = cfg.train_data or str(EMBEDDED_TRAIN)
-    with accelerator.main_process_first():  # rank 0 tokenises and fills the cache; the others read it
-        examples, stats = load_examples(train_spec, cfg.hard_negatives)
-        data = tokenize_examples(examples, tokenizer, cfg.max_seq_length, cfg.cache_dir)
-    logger.info("train data %s: %s", train_spec, stats.summary())
+    # one process per filesystem builds the memory-mapped token store (a file lock); the others wait and map it
+    data = prepare_train_store(train_spec, tokenizer, cfg.max_seq_length, cfg.hard_negatives, cfg.cache_dir)
+    logger.info("train data %s: %s", train_spec, data.stats.summary())
     eval_data = None
     if cfg.eval_data.lower() != "none":
         eval_data = load_sts(cfg.eval_data or str(EMBEDDED_EVAL))
-    sampler = GlobalBatchSampler(data.text_ids, cfg.batch_size, world, rank, cfg.seed,
-                                 example_lengths(data.token_ids, data.text_ids), cfg.length_grouping)
+    sampler = GlobalBatchSampler(data.text_ids, cfg.batch_size, world, rank, cfg.seed, data.lengths,
+                                 cfg.length_grouping)
     collator = Collator(data.token_ids, data.text_ids, tokenizer.pad_token_id)
     steps_per_epoch = sampler.steps_in_epoch(0)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else sum(sampler.steps_in_epoch(e) for e in range(cfg.epochs))

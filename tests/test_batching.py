@@ -21,7 +21,7 @@ def test_no_text_twice_in_a_global_batch():
     ids = _ids_with_duplicates()
     sampler = GlobalBatchSampler(ids, batch_size=8, world_size=2, seed=3)
     batches = sampler.global_batches(0)
-    assert batches
+    assert len(batches)
     for b in batches:
         texts = ids[b].reshape(-1)
         assert len(texts) == len(set(texts.tolist())) == 16 * 3
@@ -90,3 +90,38 @@ def test_loader_yields_this_ranks_batches():
     got = [b["example_indices"].tolist() for b in loader]
     assert got == [b.tolist() for b in sampler.local_batches(0, 1)]
     assert all(isinstance(b["input_ids"], torch.Tensor) for b in loader)
+
+
+def test_data_that_cannot_fill_one_duplicate_free_batch_is_an_error_naming_the_clashes():
+    ids = np.tile([[0, 1]], (40, 1))  # 40 copies of one pair: never two in one batch
+    sampler = GlobalBatchSampler(ids, batch_size=8, seed=0)
+    with pytest.raises(ValueError, match="cannot fill one global batch of 8 without a text twice.*40 of them share"):
+        sampler.steps_in_epoch(0)
+
+
+def test_a_large_epoch_is_built_in_flat_arrays_with_every_property():
+    rng = np.random.default_rng(0)
+    n = 200_000
+    ids = np.stack([rng.integers(0, n // 3, n), np.arange(n, 2 * n)], axis=1).astype(np.int32)  # anchors repeat
+    lengths = rng.integers(3, 60, n)
+    sampler = GlobalBatchSampler(ids, batch_size=32, world_size=2, seed=1, lengths=lengths, length_grouping=8)
+    batches = sampler.global_batches(0)
+    assert isinstance(batches, np.ndarray) and batches.shape[1] == 64
+    flat = batches.reshape(-1)
+    assert len(np.unique(flat)) == len(flat) > n - 10 * 64  # each used once, few left for the next epoch
+    texts = np.sort(ids[batches].reshape(len(batches), -1), axis=1)
+    assert not (texts[:, 1:] == texts[:, :-1]).any()  # no text twice in any global batch
+    again = GlobalBatchSampler(ids, batch_size=32, world_size=2, seed=1, lengths=lengths, length_grouping=8)
+    assert np.array_equal(again.global_batches(0), batches)
+
+
+@pytest.mark.parametrize("grouping", [0, 8])
+def test_the_fast_path_for_clean_runs_gives_the_same_batches_as_the_plain_fill(monkeypatch, grouping):
+    rng = np.random.default_rng(5)
+    n = 20_000
+    ids = np.stack([rng.integers(0, 3000, n), np.arange(n, 2 * n), rng.integers(2 * n, 2 * n + 20000, n)], axis=1)
+    make = lambda: GlobalBatchSampler(ids, 16, 2, 0, seed=4, lengths=rng.integers(1, 9, n) * 0 + ids[:, 0] % 7,
+                                      length_grouping=grouping).global_batches(1)
+    fast = make()
+    monkeypatch.setattr(GlobalBatchSampler, "BULK_BATCHES", 0)
+    assert np.array_equal(make(), fast)
