@@ -31,6 +31,7 @@ import uuid
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,7 @@ class _TextTable:
 
     def __init__(self, tokenizer, max_seq_length: int, directory: Path):
         self.tokenizer, self.max_seq_length = tokenizer, max_seq_length
+        self.backend = backend_for(tokenizer, max_seq_length)
         self.ids: dict[int, int] = {}  # 128-bit hash -> text id (integers only: no text is kept)
         self.pending: list[str] = []
         self.text_lengths = array("q")
@@ -178,7 +180,7 @@ class _TextTable:
         self.inflight = self.pool.submit(self._write, texts)
 
     def _write(self, texts: list[str]) -> None:
-        values, lengths = encode(self.tokenizer, texts, self.max_seq_length)
+        values, lengths = encode(self.tokenizer, texts, self.max_seq_length, self.backend)
         self.tokens.write(values.tobytes())
         self.text_lengths.extend(lengths.tolist())
         self.n_tokens += len(values)
@@ -199,17 +201,30 @@ class _TextTable:
         self.tokens.close()
 
 
-def encode(tokenizer, texts: list[str], max_seq_length: int) -> tuple[np.ndarray, np.ndarray]:
+def backend_for(tokenizer, max_seq_length: int):
+    """A copy of the fast tokenizer's Rust backend, truncating like `tokenizer(..., truncation=True,
+    max_length=max_seq_length)` and never padding; None for a slow (Python) tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    fast = Tokenizer.from_str(backend.to_str())
+    fast.no_padding()
+    fast.enable_truncation(max_seq_length, direction=getattr(tokenizer, "truncation_side", "right"))
+    return fast
+
+
+def encode(tokenizer, texts: list[str], max_seq_length: int, backend=None) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of `texts` (truncated at max_seq_length, special tokens added, no padding), flattened:
-    (int32 values, int64 lengths).  Padding in the tokenizer and masking in numpy avoids a Python list per text."""
-    if tokenizer.pad_token_id is not None:
-        enc = tokenizer(texts, truncation=True, max_length=max_seq_length, add_special_tokens=True, padding=True,
-                        return_tensors="np", return_token_type_ids=False)
-        mask = enc["attention_mask"].astype(bool)
-        return enc["input_ids"][mask].astype(np.int32), mask.sum(axis=1).astype(np.int64)
-    ids = tokenizer(texts, truncation=True, max_length=max_seq_length, add_special_tokens=True)["input_ids"]
+    (int32 values, int64 lengths).  With the Rust backend only the ids cross into Python (the wrapper's
+    per-text dict of masks would cost more than the tokenising)."""
+    if backend is not None:
+        ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+    else:
+        ids = tokenizer(texts, truncation=True, max_length=max_seq_length, add_special_tokens=True)["input_ids"]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    values = np.fromiter((i for row in ids for i in row), dtype=np.int32, count=int(lengths.sum()))
+    values = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
     return values, lengths
 
 
