@@ -8,6 +8,8 @@ Two schemas are understood:
   * pairs / triplets: anchor, positive[, negative].
 Bad rows (empty or missing text, unknown label, anchor equal to positive) are skipped and counted in
 `DataStats`, which the trainer logs.  TSV is read without quote processing: sentences may contain `"`.
+Every source is read as a stream (`iter_examples` yields chunks of text ids; `mnr.store` turns them into the
+memory-mapped token store); `load_examples` collects strings for small data (tests, benchmarks).
 """
 
 from __future__ import annotations

@@ -49,8 +49,11 @@ FILES = ("tokens.bin", "offsets.bin", "examples.npy", "lengths.npy")
 class TokenTexts:
     """Read-only view: `texts[t]` is the int32 token ids of distinct text t (a slice of the mapped array)."""
 
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray):
-        self.tokens, self.offsets = tokens, offsets
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, path: Path | None = None):
+        self.tokens, self.offsets, self.path = tokens, offsets, path
+
+    def __reduce__(self):  # to a spawned DataLoader worker: the path, mapped again there (not a copy of the data)
+        return (_map_texts, (self.path,)) if self.path is not None else super().__reduce__()
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -62,6 +65,10 @@ class TokenTexts:
         return np.diff(self.offsets)
 
 
+def _map_texts(path: Path) -> TokenTexts:
+    return open_store(path).token_ids
+
+
 class TokenStore:
     """An opened store: `text_ids` (n_examples, n_roles), `lengths` (n_examples,), `token_ids[t]`, `stats`."""
 
@@ -71,7 +78,7 @@ class TokenStore:
         tokens = np.memmap(self.path / "tokens.bin", dtype=np.int32, mode="r") if manifest["n_tokens"] else \
             np.empty(0, dtype=np.int32)
         offsets = np.memmap(self.path / "offsets.bin", dtype=np.int64, mode="r")
-        self.token_ids = TokenTexts(tokens, offsets)
+        self.token_ids = TokenTexts(tokens, offsets, self.path)
         self.text_ids = np.load(self.path / "examples.npy", mmap_mode="r")
         self.lengths = np.load(self.path / "lengths.npy", mmap_mode="r")
         stats = manifest["stats"]

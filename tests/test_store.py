@@ -104,3 +104,13 @@ def test_no_usable_example_is_an_error_naming_the_skips(tmp_path, tok):
     with pytest.raises(DataError, match=r"no usable examples \(1 rows read, 0 examples kept; skipped: 1 neutral"):
         prepare_train_store(str(path), tok, 32, False, str(tmp_path / "cache"))
     assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
+
+
+def test_a_pickled_store_view_maps_the_files_again_instead_of_copying_them(tmp_path, tok):
+    import pickle
+
+    store = prepare_train_store(str(_triplets(tmp_path)), tok, 6, True, str(tmp_path / "cache"))
+    blob = pickle.dumps(store.token_ids)
+    assert len(blob) < 1000  # a path, not the arrays
+    again = pickle.loads(blob)
+    assert [again[t].tolist() for t in range(len(again))] == [store.token_ids[t].tolist() for t in range(store.n_texts)]
