@@ -8,6 +8,8 @@ batches over the store.  The model is a tiny random BERT (2 layers, hidden 32) w
 tokenizer (30k words), so start-up is data-bound.
 
     python benchmarks/bench_scale.py --sizes 0.01,0.1,1,3 --procs 1,2 --work /tmp/mnr-scale
+
+Every start is measured on a machine that may be shared: the load average is printed next to each row.
 """
 
 from __future__ import annotations
@@ -154,14 +156,35 @@ def epoch_seconds(model: Path, data: Path, cache: Path, procs: int) -> float:
     return time.perf_counter() - start
 
 
+def synthetic_epochs(n: int, procs: list[int]) -> None:
+    """Epoch-build time of the sampler alone over n pairs (anchors repeat: 3 examples per anchor on average)."""
+    from mnr.batching import GlobalBatchSampler
+
+    rng = np.random.default_rng(0)
+    text_ids = np.stack([rng.integers(0, n // 3, n), np.arange(n, 2 * n)], axis=1).astype(np.int32)
+    lengths = rng.integers(3, 60, n).astype(np.int32)
+    for world in procs:
+        sampler = GlobalBatchSampler(text_ids, 32, world, 0, seed=0, lengths=lengths, length_grouping=8)
+        start = time.perf_counter()
+        steps = sampler.steps_in_epoch(0)
+        print(f"{n:,} examples, {world} x 32: {steps} global batches in {time.perf_counter() - start:.2f} s "
+              f"(load {os.getloadavg()[0]:.2f})", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="0.01,0.1,1,3", help="millions of pairs, comma-separated")
     p.add_argument("--with-10m", action="store_true", help="also 10M pairs")
     p.add_argument("--procs", default="1,2")
     p.add_argument("--work", default="/tmp/mnr-scale", help="data files and the model are kept here between runs")
+    p.add_argument("--epoch-only", type=float, default=0,
+                   help="only time one epoch's batches over this many million synthetic examples (no training)")
+    p.add_argument("--warm-repeats", type=int, default=1, help="warm starts per row; the fastest (and its PSS) is kept")
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
+    if args.epoch_only:
+        synthetic_epochs(int(args.epoch_only * 1_000_000), [int(x) for x in args.procs.split(",")])
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = make_model(work / "tiny-minilm-vocab")
@@ -180,7 +203,8 @@ def main() -> None:
             cache = work / f"cache-{n}-{procs}"
             shutil.rmtree(cache, ignore_errors=True)
             cold, cold_pss = run(train_cmd(procs, model, data, cache, work / "out"), work / f"cold-{n}-{procs}.log")
-            warm, warm_pss = run(train_cmd(procs, model, data, cache, work / "out"), work / f"warm-{n}-{procs}.log")
+            warm, warm_pss = min(run(train_cmd(procs, model, data, cache, work / "out"), work / f"warm-{n}-{procs}.log")
+                                 for _ in range(args.warm_repeats))
             epoch = epoch_seconds(model, data, cache, procs)
             shutil.rmtree(cache, ignore_errors=True)
             print(f"| {n:,} | {procs} | {data.stat().st_size / 1e6:.0f} | {cold:.1f} | {warm:.1f} | {warm_pss:.0f} | "

@@ -45,7 +45,7 @@ class TrainConfig:
     hard_negatives: bool = _f(True, "train on (anchor, positive, hard negative) triplets: NLI contradictions, "
                               "or a file's negative column; --no-hard-negatives trains on pairs")
     max_seq_length: int = _f(128, "truncate every text to this many tokens (batches are padded to their longest)")
-    cache_dir: str = _f("", "tokenisation cache (Arrow files); empty = $MNR_CACHE or ~/.cache/mnr")
+    cache_dir: str = _f("", "token store directory (memory-mapped, built once); empty = $MNR_CACHE or ~/.cache/mnr")
     trust_remote_code: bool = _f(False, "allow model repos that ship their own Python code (off: never run it)")
     # optimisation
     batch_size: int = _f(32, "examples per process per step (the global batch is this x number of processes)")
