@@ -60,15 +60,16 @@ class GlobalBatchSampler:
             return self._cache[1]
         rng = np.random.default_rng([self.seed, epoch])
         n, size = len(self.text_ids), self.global_batch_size
-        order = rng.permutation(n)
+        index = np.int32 if n < 2**31 else np.int64  # example indices: half the memory below 2^31 examples
+        order = rng.permutation(n).astype(index)
         grouped = self.length_grouping > 1
         if grouped:  # stable sort by length inside each window of k global batches
             window = self.length_grouping * size
             order = order[np.lexsort((self.lengths[order], np.arange(n) // window))]
         rows = np.asarray(self.text_ids)  # a mapped store stays mapped: rows are gathered per candidate list
-        first_seen = np.zeros(int(rows.max()) + 1, dtype=np.int64)  # scratch: text -> first position in a list
-        batches = np.empty((n // size, size), dtype=np.int64)
-        deferred = np.empty(0, dtype=np.int64)
+        first_seen = np.zeros(int(rows.max()) + 1, dtype=np.int32)  # scratch: text -> first position in a list
+        batches = np.empty((n // size, size), dtype=index)
+        deferred = np.empty(0, dtype=index)
         max_deferred = self.DEFERRED_WINDOW * size
         n_batches, next_fresh = 0, 0
         run = 1  # clean batches to try in one go: grows while runs succeed
