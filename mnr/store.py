@@ -305,7 +305,11 @@ def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, 
     if not specs:
         raise DataError("no training data given")
     cache = Path(cache_dir or default_cache_dir())
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot create the token cache dir {cache} ({err.strerror}); "
+                        f"pass a writable --cache-dir") from None
     fingerprint, what = store_fingerprint(specs, hard_negatives, tokenizer, max_seq_length)
     final = cache / f"store-{fingerprint}"
     if check_store(final, fingerprint) is None:

@@ -114,3 +114,10 @@ def test_a_pickled_store_view_maps_the_files_again_instead_of_copying_them(tmp_p
     assert len(blob) < 1000  # a path, not the arrays
     again = pickle.loads(blob)
     assert [again[t].tolist() for t in range(len(again))] == [store.token_ids[t].tolist() for t in range(store.n_texts)]
+
+
+def test_an_unusable_cache_dir_is_a_clear_error(tmp_path, tok):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(DataError, match="cannot create the token cache dir .*a-file/sub.*writable --cache-dir"):
+        prepare_train_store(str(_triplets(tmp_path)), tok, 6, True, str(blocker / "sub"))
