@@ -64,12 +64,11 @@ def worker(rank: int, world: int, port: int, sizes: list[int], dim: int, repeats
     encoder_s = {}
     import common
     from mnr.batching import Collator, GlobalBatchSampler
-    from mnr.data import load_examples, tokenize_examples
     from mnr.model import load_encoder
+    from mnr.store import prepare_train_store
 
     encoder, tokenizer = load_encoder(common.minilm_path())
-    examples, _ = load_examples(pairs, False)
-    data = tokenize_examples(examples, tokenizer, 128, os.path.join(os.path.dirname(pairs), "cache"))
+    data = prepare_train_store(pairs, tokenizer, 128, False, os.path.join(os.path.dirname(pairs), "cache"))
     for b in [s for s in sizes if s <= 64]:
         batch = Collator(data.token_ids, data.text_ids, tokenizer.pad_token_id)(
             GlobalBatchSampler(data.text_ids, b, seed=rank).local_batches(0)[0])

@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
-from mnr.batching import Collator, GlobalBatchSampler, example_lengths  # noqa: E402
-from mnr.data import load_examples, tokenize_examples  # noqa: E402
+from mnr.batching import Collator, GlobalBatchSampler  # noqa: E402
 from mnr.loss import mnr_loss, split_roles  # noqa: E402
 from mnr.model import load_encoder  # noqa: E402
+from mnr.store import prepare_train_store  # noqa: E402
 from mnr.train import param_groups  # noqa: E402
 
 # name -> (length_buckets, bf16 autocast, fused AdamW, length_grouping)
@@ -55,9 +55,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mnr-levers-"))
     common.write_examples(work / "pairs.tsv", hard_negatives=False)
     encoder, tokenizer = load_encoder(common.minilm_path())
-    examples, _ = load_examples(str(work / "pairs.tsv"), False)
-    data = tokenize_examples(examples, tokenizer, 128, str(work / "cache"))
-    lengths = example_lengths(data.token_ids, data.text_ids)
+    data = prepare_train_store(str(work / "pairs.tsv"), tokenizer, 128, False, str(work / "cache"))
+    lengths = data.lengths
     collator = Collator(data.token_ids, data.text_ids, tokenizer.pad_token_id)
     n = 2 + args.steps
     batches = {}

@@ -37,7 +37,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     # data and model
     model: str = _f("", f"hub id or local directory of a transformers encoder; empty = {EMBEDDED_MODEL}")
-    train_data: str = _f("", "comma-separated hub dataset names (snli, glue/mnli, owner/name[:config]) and/or "
+    train_data: str = _f("", "comma-separated hub dataset names (snli, glue/mnli, owner/name[:config][@split]) and/or "
                          "local .tsv/.csv/.jsonl/.parquet[.gz] files; empty = the embedded SNLI sample")
     eval_data: str = _f("", "comma-separated evaluation sets, the kind detected from the data: STS pairs "
                         "(sentence1, sentence2, score; or glue/stsb), a BEIR folder (corpus.jsonl, queries.jsonl, "
@@ -48,7 +48,7 @@ class TrainConfig:
     hard_negatives: bool = _f(True, "train on (anchor, positive, hard negative) triplets: NLI contradictions, "
                               "or a file's negative column; --no-hard-negatives trains on pairs")
     max_seq_length: int = _f(128, "truncate every text to this many tokens (batches are padded to their longest)")
-    cache_dir: str = _f("", "tokenisation cache (Arrow files); empty = $MNR_CACHE or ~/.cache/mnr")
+    cache_dir: str = _f("", "token store directory (memory-mapped, built once); empty = $MNR_CACHE or ~/.cache/mnr")
     trust_remote_code: bool = _f(False, "allow model repos that ship their own Python code (off: never run it)")
     # optimisation
     batch_size: int = _f(32, "examples per process per step (the global batch is this x number of processes)")

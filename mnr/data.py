@@ -8,21 +8,23 @@ Two schemas are understood:
   * pairs / triplets: anchor, positive[, negative].
 Bad rows (empty or missing text, unknown label, anchor equal to positive) are skipped and counted in
 `DataStats`, which the trainer logs.  TSV is read without quote processing: sentences may contain `"`.
+Every source is read as a stream (`iter_examples` yields chunks of text ids; `mnr.store` turns them into the
+memory-mapped token store); `load_examples` collects strings for small data (tests, benchmarks).
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import io
 import json
 import logging
 import os
-from collections import Counter, defaultdict
+from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -51,7 +53,8 @@ class DataStats:
     skipped: Counter = field(default_factory=Counter)
 
     def skip(self, reason: str, n: int = 1) -> None:
-        self.skipped[reason] += n
+        if n:
+            self.skipped[reason] += n
 
     def summary(self) -> str:
         parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
@@ -92,64 +95,118 @@ def _open_text(path: str) -> io.TextIOBase:
     return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
 
 
+def _readable_files(directory: str) -> list[str]:
+    names = sorted(os.listdir(directory))
+    return [n for n in names if (n[:-3] if n.endswith(".gz") else n).endswith(LOCAL_SUFFIXES)
+            and os.path.isfile(os.path.join(directory, n))]
+
+
 def read_local(path: str) -> tuple[list[str], Iterator[dict]]:
-    """(columns, rows) of a local file. Raises DataError for missing, empty, non-UTF-8 or malformed files."""
+    """(columns, rows) of a local file, rows read as a stream (never the whole file in Python lists).
+
+    Raises DataError for missing, empty, non-UTF-8 or malformed files; an error in the middle of a file
+    is raised by the row iterator."""
+    if os.path.isdir(path):
+        found = _readable_files(path)
+        raise DataError(f"{path}: is a directory, not a data file; " + (
+            f"data files in it that mnr can read: {', '.join(found)} (pass them comma-separated)" if found else
+            f"it holds no file mnr can read ({', '.join(LOCAL_SUFFIXES)}, optionally .gz)"))
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     base = path[:-3] if path.endswith(".gz") else path
     suffix = Path(base).suffix
     if suffix not in LOCAL_SUFFIXES:
         raise DataError(f"{path}: unknown format {suffix!r}; expected one of {', '.join(LOCAL_SUFFIXES)} (optionally .gz)")
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
-            if table.num_rows == 0:
-                raise DataError(f"{path}: file has no rows")
-            return list(table.column_names), iter(table.to_pylist())
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise DataError(f"{path}: cannot read as Parquet ({err})") from None
+        if parquet.metadata.num_rows == 0:
+            raise DataError(f"{path}: file has no rows")
+        rows = (row for batch in parquet.iter_batches(batch_size=10_000) for row in batch.to_pylist())
+        return list(parquet.schema_arrow.names), rows
+    fh = _open_text(path)
+    with _read_errors(path, fh):
         if suffix == ".jsonl":
-            rows = []
-            with _open_text(path) as fh:
-                for line_no, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as err:
-                            raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            if not rows:
+            head, line_no = [], 0
+            for line in fh:  # the first 100 rows name the columns
+                line_no += 1
+                if line.strip():
+                    head.append(_json_row(path, line_no, line))
+                    if len(head) == 100:
+                        break
+            if not head:
                 raise DataError(f"{path}: file is empty")
-            columns = list(dict.fromkeys(k for row in rows[:100] for k in row))
-            return columns, iter(rows)
+            columns = list(dict.fromkeys(k for row in head for k in row))
+            return columns, _guarded(path, fh, _jsonl_rows(path, fh, head, line_no))
         # tsv: no quote processing (sentences contain `"`); csv: standard quoting, strict about stray quotes
-        with _open_text(path) as fh:
-            reader = (csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv"
-                      else csv.reader(fh, strict=True))
-            try:
-                lines = list(reader)
-            except csv.Error as err:
-                raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err}); quote fields that contain '\"'") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset "
-                        f"{err.start} of a chunk): re-encode the file as UTF-8") from None
-    except (OSError, EOFError) as err:
-        raise DataError(f"{path}: cannot read ({err})") from None
-    if not lines or not any(lines[0]):
-        raise DataError(f"{path}: file is empty (no header line)")
-    header = [h.strip() for h in lines[0]]
+        reader = (csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv"
+                  else csv.reader(fh, strict=True))
+        first = next(reader, None)
+        if not first or not any(first):
+            raise DataError(f"{path}: file is empty (no header line)")
+    header = [h.strip() for h in first]
+    return header, _guarded(path, fh, _csv_rows(header, reader), reader)
+
+
+def _json_row(path: str, line_no: int, line: str) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+
+
+def _jsonl_rows(path: str, fh, head: list[dict], line_no: int) -> Iterator[dict]:
+    yield from head
+    for line in fh:
+        line_no += 1
+        if line.strip():
+            yield _json_row(path, line_no, line)
+
+
+def _csv_rows(header: list[str], reader) -> Iterator[dict]:
     width = len(header)
+    for values in reader:
+        if not values:
+            continue
+        if len(values) > width:  # a stray delimiter: the fields cannot be trusted to line up
+            yield {MALFORMED: True}
+            continue
+        # A short row leaves fields missing (None): counted as missing text later, never shifted.
+        yield {h: (values[i] if i < len(values) else None) for i, h in enumerate(header)}
 
-    def rows() -> Iterator[dict]:
-        for values in lines[1:]:
-            if not values:
-                continue
-            if len(values) > width:  # a stray delimiter: the fields cannot be trusted to line up
-                yield {MALFORMED: True}
-                continue
-            # A short row leaves fields missing (None): counted as missing text later, never shifted.
-            yield {h: (values[i] if i < len(values) else None) for i, h in enumerate(header)}
 
-    return header, rows()
+class _read_errors:
+    """Turns decoding, CSV and I/O errors of a file into a DataError naming the file (closing it)."""
+
+    def __init__(self, path: str, fh, reader=None):
+        self.path, self.fh, self.reader = path, fh, reader
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None:
+            return False
+        self.fh.close()
+        if isinstance(err, UnicodeDecodeError):
+            raise DataError(f"{self.path}: not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset "
+                            f"{err.start} of a chunk): re-encode the file as UTF-8") from None
+        if isinstance(err, csv.Error):
+            line = f":{self.reader.line_num}" if self.reader is not None else ""
+            raise DataError(f"{self.path}{line}: malformed CSV ({err}); quote fields that contain '\"'") from None
+        if isinstance(err, (OSError, EOFError)):
+            raise DataError(f"{self.path}: cannot read ({err})") from None
+        return False
+
+
+def _guarded(path: str, fh, rows: Iterator[dict], reader=None) -> Iterator[dict]:
+    with _read_errors(path, fh, reader):
+        yield from rows
+    fh.close()
 
 
 def _hub_spec(spec: str) -> tuple[str, str | None, str]:
@@ -165,16 +222,28 @@ def _hub_spec(spec: str) -> tuple[str, str | None, str]:
     return spec, config, split
 
 
-def read_hub(spec: str) -> tuple[list[str], Iterator[dict]]:
+def load_hub(spec: str):
+    """The hub dataset split named by spec (Arrow-backed, memory-mapped by `datasets`)."""
     name, config, split = _hub_spec(spec)
     try:
         import datasets
 
-        ds = datasets.load_dataset(name, config, split=split)
+        return datasets.load_dataset(name, config, split=split)
     except Exception as err:  # the hub raises many types; all mean the same to the user
         raise DataError(f"{spec!r}: neither a local file nor a loadable hub dataset ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}); offline, pass local files") from None
-    return list(ds.column_names), iter(ds)
+
+
+def read_hub(spec: str) -> tuple[list[str], Iterator[dict]]:
+    """(columns, rows) of a hub split, read from its Arrow table batch by batch (never the whole split as rows)."""
+    ds = load_hub(spec)
+    columns = list(ds.column_names)
+
+    def rows() -> Iterator[dict]:
+        for batch in ds.iter(batch_size=10_000):
+            yield from (dict(zip(columns, values)) for values in zip(*(batch[c] for c in columns)))
+
+    return columns, rows()
 
 
 def read_source(spec: str) -> tuple[list[str], Iterator[dict]]:
@@ -182,8 +251,14 @@ def read_source(spec: str) -> tuple[list[str], Iterator[dict]]:
     return read_local(spec) if is_local(spec) else read_hub(spec)
 
 
+def split_specs(specs: str | list[str]) -> list[str]:
+    if isinstance(specs, str):
+        specs = specs.split(",")
+    return [s.strip() for s in specs if s.strip()]
+
+
 # ---------------------------------------------------------------------------------------------
-# rows -> examples
+# rows -> examples (streamed as chunks of text ids; `intern` maps a text to its id)
 
 
 def _text(value) -> str | None:
@@ -203,15 +278,25 @@ def detect_schema(source: str, columns: Iterable[str]) -> str:
                     f"{', '.join(NLI_COLUMNS)} (NLI) or {', '.join(PAIR_COLUMNS)}[, negative] (pairs/triplets)")
 
 
-def nli_examples(rows: Iterable[dict], hard_negatives: bool, stats: DataStats) -> Examples:
-    """Entailment pairs; with hard_negatives, (premise, entailment, contradiction) triplets.
+CHUNK_ROWS = 50_000
+
+
+def _ids(values: array) -> np.ndarray:
+    return np.frombuffer(values, dtype=np.int64) if len(values) else np.empty(0, dtype=np.int64)
+
+
+def nli_examples(rows: Iterable[dict], hard_negatives: bool, stats: DataStats, intern: Callable[[str], int]
+                 ) -> Iterator[np.ndarray]:
+    """Entailment pairs; with hard_negatives, (premise, entailment, contradiction) triplets, as text ids.
 
     Triplet rule: hypotheses are grouped by premise; the i-th entailment of a premise takes the
     (i mod k)-th of its k contradictions.  An entailment whose premise has no contradiction is
     dropped (counted as "no contradiction for premise"), so every triplet has a real hard negative.
+    Premises come in the order of their first entailment, each premise's entailments in row order.
+    The grouping keeps text ids in flat integer arrays, never the strings.
     """
-    entail: dict[str, list[str]] = defaultdict(list)
-    contra: dict[str, list[str]] = defaultdict(list)
+    ent_p, ent_h, con_p, con_h = array("q"), array("q"), array("q"), array("q")
+    n_contra = 0
     for row in rows:
         stats.rows += 1
         if row.get(MALFORMED):
@@ -228,129 +313,102 @@ def nli_examples(rows: Iterable[dict], hard_negatives: bool, stats: DataStats) -
             stats.skip("empty or missing text")
             continue
         if label == ENTAILMENT:
-            entail[premise].append(hypothesis)
+            ent_p.append(intern(premise))
+            ent_h.append(intern(hypothesis))
         elif label == CONTRADICTION:
-            contra[premise].append(hypothesis)
+            n_contra += 1
+            if hard_negatives:
+                con_p.append(intern(premise))
+                con_h.append(intern(hypothesis))
         else:
             stats.skip("neutral (not used)")
-    if hard_negatives:
-        stats.skip("contradiction used as negative or unused", sum(len(v) for v in contra.values()))
-    else:
-        stats.skip("contradiction (not used for pairs)", sum(len(v) for v in contra.values()))
-    anchors, positives, negatives = [], [], []
-    for premise, hyps in entail.items():
-        negs = contra.get(premise, [])
-        if hard_negatives and not negs:
-            stats.skip("no contradiction for premise", len(hyps))
-            continue
-        for i, hyp in enumerate(hyps):
-            anchors.append(premise)
-            positives.append(hyp)
-            if hard_negatives:
-                negatives.append(negs[i % len(negs)])
-    return Examples(anchors, positives, negatives if hard_negatives else None)
+    stats.skip("contradiction used as negative or unused" if hard_negatives else "contradiction (not used for pairs)",
+               n_contra)
+    ent_p, ent_h, con_p, con_h = _ids(ent_p), _ids(ent_h), _ids(con_p), _ids(con_h)
+    if len(ent_p) == 0:
+        return
+    # order: premises by their first entailment, then row order within a premise
+    premises, first_row, group = np.unique(ent_p, return_index=True, return_inverse=True)
+    rank = np.empty(len(premises), dtype=np.int64)
+    rank[np.argsort(first_row, kind="stable")] = np.arange(len(premises))
+    order = np.lexsort((np.arange(len(ent_p)), rank[group]))
+    ent_p, ent_h = ent_p[order], ent_h[order]
+    if not hard_negatives:
+        yield np.stack([ent_p, ent_h], axis=1)
+        return
+    by_premise = np.argsort(con_p, kind="stable")  # each premise's contradictions in row order
+    con_p, con_h = con_p[by_premise], con_h[by_premise]
+    lo, hi = np.searchsorted(con_p, ent_p, "left"), np.searchsorted(con_p, ent_p, "right")
+    k = hi - lo
+    starts = np.r_[0, np.flatnonzero(ent_p[1:] != ent_p[:-1]) + 1]  # ent_p is grouped by premise
+    i = np.arange(len(ent_p)) - np.repeat(starts, np.diff(np.r_[starts, len(ent_p)]))  # i-th entailment of its premise
+    has = k > 0
+    stats.skip("no contradiction for premise", int((~has).sum()))
+    neg = con_h[lo[has] + i[has] % k[has]]
+    yield np.stack([ent_p[has], ent_h[has], neg], axis=1)
 
 
-def pair_examples(source: str, rows: Iterable[dict], hard_negatives: bool, has_negative: bool, stats: DataStats) -> Examples:
+def pair_examples(source: str, rows: Iterable[dict], hard_negatives: bool, has_negative: bool, stats: DataStats,
+                  intern: Callable[[str], int]) -> Iterator[np.ndarray]:
     if hard_negatives and not has_negative:
         raise DataError(f"{source}: --hard-negatives needs a 'negative' column (or NLI premise/hypothesis/label "
                         f"rows); pass --no-hard-negatives to train on its anchor/positive pairs")
-    anchors, positives, negatives = [], [], []
+    roles = ("anchor", "positive", "negative") if hard_negatives else ("anchor", "positive")
+    chunk = array("q")
     for row in rows:
         stats.rows += 1
         if row.get(MALFORMED):
             stats.skip("malformed row (more fields than the header)")
             continue
-        texts = [_text(row.get("anchor")), _text(row.get("positive"))]
-        if hard_negatives:
-            texts.append(_text(row.get("negative")))
-        if any(t is None for t in texts):
+        texts = [_text(row.get(role)) for role in roles]
+        if None in texts:
             stats.skip("empty or missing text")
             continue
-        anchors.append(texts[0])
-        positives.append(texts[1])
-        if hard_negatives:
-            negatives.append(texts[2])
-    return Examples(anchors, positives, negatives if hard_negatives else None)
+        chunk.extend(map(intern, texts))
+        if len(chunk) >= CHUNK_ROWS * len(roles):
+            yield _ids(chunk).reshape(-1, len(roles)).copy()
+            chunk = array("q")
+    if chunk:
+        yield _ids(chunk).reshape(-1, len(roles)).copy()
+
+
+def iter_examples(specs: str | list[str], hard_negatives: bool, stats: DataStats, intern: Callable[[str], int]
+                  ) -> Iterator[np.ndarray]:
+    """Every source read as a stream: chunks of (rows, roles) text ids, with counted skips in `stats`.
+
+    An example with the same text twice (anchor equal to positive, ...) is skipped and counted."""
+    for spec in split_specs(specs):
+        columns, rows = read_source(spec)
+        schema = detect_schema(spec, columns)
+        chunks = (nli_examples(rows, hard_negatives, stats, intern) if schema == "nli"
+                  else pair_examples(spec, rows, hard_negatives, schema == "triplet", stats, intern))
+        for ids in chunks:
+            ok = ids[:, 0] != ids[:, 1]
+            if ids.shape[1] == 3:
+                ok &= (ids[:, 2] != ids[:, 0]) & (ids[:, 2] != ids[:, 1])
+            if not ok.all():
+                stats.skip("same text twice in one example", int((~ok).sum()))
+                ids = ids[ok]
+            stats.examples += len(ids)
+            if len(ids):
+                yield ids
+
+
+def no_examples_error(specs: str | list[str], stats: DataStats) -> DataError:
+    return DataError(f"{', '.join(split_specs(specs))}: no usable examples ({stats.summary()})")
 
 
 def load_examples(specs: str | list[str], hard_negatives: bool) -> tuple[Examples, DataStats]:
-    """Read every comma-separated source and build one set of examples, with counted skips."""
-    if isinstance(specs, str):
-        specs = [s for s in specs.split(",") if s.strip()]
+    """All examples as Python strings (small data, tests and benchmarks; training reads `mnr.store`)."""
     stats = DataStats()
-    merged = Examples([], [], [] if hard_negatives else None)
-    for spec in specs:
-        columns, rows = read_source(spec)
-        schema = detect_schema(spec, columns)
-        if schema == "nli":
-            ex = nli_examples(rows, hard_negatives, stats)
-        else:
-            ex = pair_examples(spec, rows, hard_negatives, schema == "triplet", stats)
-        for into, col in zip(merged.columns(), ex.columns()):
-            into.extend(col)
-    keep = [i for i, texts in enumerate(zip(*merged.columns())) if len(set(texts)) == len(texts)]
-    if len(keep) < len(merged):
-        stats.skip("same text twice in one example", len(merged) - len(keep))
-        merged = Examples(*[[col[i] for i in keep] for col in merged.columns()])
-    stats.examples = len(merged)
+    index: dict[str, int] = {}
+    chunks = list(iter_examples(specs, hard_negatives, stats, lambda t: index.setdefault(t, len(index))))
     if stats.examples == 0:
-        raise DataError(f"{', '.join(specs)}: no usable examples ({stats.summary()})")
-    return merged, stats
-
-
-# ---------------------------------------------------------------------------------------------
-# examples -> token ids (tokenised once per unique text, cached as Arrow on disk)
-
-
-@dataclass
-class TokenizedData:
-    """token_ids[t] are the ids of unique text t; text_ids[i, r] is the text of example i in role r."""
-
-    token_ids: list[list[int]]
-    text_ids: np.ndarray  # (n_examples, n_roles) int64
-
-    def __len__(self) -> int:
-        return self.text_ids.shape[0]
-
-    @property
-    def n_roles(self) -> int:
-        return self.text_ids.shape[1]
+        raise no_examples_error(specs, stats)
+    texts = list(index)
+    ids = np.concatenate(chunks)
+    return Examples(*[[texts[t] for t in col] for col in ids.T.tolist()]), stats
 
 
 def default_cache_dir() -> str:
     return os.environ.get("MNR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mnr")
-
-
-def tokenize_examples(examples: Examples, tokenizer, max_seq_length: int, cache_dir: str = "") -> TokenizedData:
-    """Tokenise each unique text once with the fast tokenizer (batched `datasets.map`), truncating at
-    max_seq_length, without padding; the result is cached under a fingerprint of texts + tokenizer + length."""
-    import datasets
-
-    text_index: dict[str, int] = {}
-    columns = examples.columns()
-    text_ids = np.empty((len(examples), len(columns)), dtype=np.int64)
-    for r, col in enumerate(columns):
-        for i, text in enumerate(col):
-            text_ids[i, r] = text_index.setdefault(text, len(text_index))
-    texts = list(text_index)
-    digest = hashlib.sha256()
-    for part in (type(tokenizer).__name__, str(len(tokenizer)), str(getattr(tokenizer, "name_or_path", "")),
-                 json.dumps(getattr(tokenizer, "init_kwargs", {}).get("do_lower_case")), str(max_seq_length)):
-        digest.update(part.encode() + b"\0")
-    vocab_hash = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-    digest.update(vocab_hash.encode())
-    for text in texts:
-        digest.update(text.encode() + b"\0")
-    cache_dir = cache_dir or default_cache_dir()
-    os.makedirs(cache_dir, exist_ok=True)
-    cache_file = os.path.join(cache_dir, f"tokens-{digest.hexdigest()[:24]}.arrow")
-
-    def encode(batch):
-        return {"input_ids": tokenizer(batch["text"], truncation=True, max_length=max_seq_length,
-                                       add_special_tokens=True)["input_ids"]}
-
-    ds = datasets.Dataset.from_dict({"text": texts}).map(
-        encode, batched=True, batch_size=2000, remove_columns=["text"], cache_file_name=cache_file,
-        load_from_cache_file=True, desc="Tokenising")
-    return TokenizedData(token_ids=ds.data.column("input_ids").to_pylist(), text_ids=text_ids)

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from mnr import distributed
-from mnr.batching import Collator, GlobalBatchSampler, example_lengths, make_loader
+from mnr.batching import Collator, GlobalBatchSampler, make_loader
 from mnr.checkpoint import (CheckpointError, TrainState, load_checkpoint, newest_intact_checkpoint, read_state,
                             run_identity, save_checkpoint)
 from mnr.config import EMBEDDED_EVAL, EMBEDDED_TRAIN, TrainConfig
-from mnr.data import DataError, load_examples, tokenize_examples
+from mnr.data import DataError
 from mnr.evaluate import Evaluator, build_evaluators, metric_choices
 from mnr.gradcache import cached_loss_and_backward
 from mnr.launch import LaunchError, make_accelerator
@@ -30,6 +30,7 @@ from mnr.loss import mnr_loss, split_roles
 from mnr.model import ModelError, load_encoder, max_positions, nonfinite_weights, resolve_model_path, save_model
 from mnr.reporting import LogWindow, MetricsLog, Progress, StopRequest, setup_logging
 from mnr.rundir import OutputDirError, open_output_dir, release_locks, write_marker
+from mnr.store import prepare_train_store
 
 logger = logging.getLogger("mnr")
 MAX_SKIPPED_SHARE = 0.25  # --skip-nonfinite: stop once more than this share of the run's steps was skipped
@@ -262,18 +263,16 @@ def _setup_model(cfg: TrainConfig):
 
 
 def _setup_data(cfg: TrainConfig, tokenizer, accelerator) -> tuple[GlobalBatchSampler, Collator, int, str]:
-    """Examples -> token ids (cached) -> this process's sampler and the collator."""
+    """Sources -> the memory-mapped token store (built once per filesystem) -> this process's sampler, collator."""
     train_spec = cfg.train_data or str(EMBEDDED_TRAIN)
-
-    def load():
-        examples, stats = load_examples(train_spec, cfg.hard_negatives)
-        return tokenize_examples(examples, tokenizer, cfg.max_seq_length, cfg.cache_dir), stats
-
-    data, stats = distributed.main_first(load)  # the main process fills the cache, the others read it
-    logger.info("train data %s: %s", train_spec, stats.summary())
+    # The main process builds the store first (a failure stops every process with its message); the others then
+    # map it (under a file lock, so one process per filesystem builds on nodes without a shared disk).
+    data = distributed.main_first(lambda: prepare_train_store(train_spec, tokenizer, cfg.max_seq_length,
+                                                              cfg.hard_negatives, cfg.cache_dir))
+    logger.info("train data %s: %s", train_spec, data.stats.summary())
     sampler = GlobalBatchSampler(data.text_ids, cfg.batch_size, accelerator.num_processes, distributed.rank(),
-                                 cfg.seed, example_lengths(data.token_ids, data.text_ids), cfg.length_grouping)
-    return sampler, Collator(data.token_ids, data.text_ids, tokenizer.pad_token_id), len(data), stats.summary()
+                                 cfg.seed, data.lengths, cfg.length_grouping)
+    return sampler, Collator(data.token_ids, data.text_ids, tokenizer.pad_token_id), len(data), data.stats.summary()
 
 
 def _setup_evaluators(cfg: TrainConfig) -> tuple[list[Evaluator], str]:

@@ -1,4 +1,9 @@
-"""Global batches: reproducible from (seed, epoch), no duplicate text, deferred not lost; collate pads per batch."""
+"""Global batches: reproducible from (seed, epoch), no duplicate text, deferred not lost; collate pads per batch.
+
+The second half checks sharding from the processes' side (the loaders they iterate): what makes N processes x B
+train like one process x N*B: the same examples in the same order, disjoint shares, equal step counts (no process
+waits forever in a collective at the end of an epoch) and no text twice in the global batch.
+"""
 
 import numpy as np
 import pytest
@@ -21,7 +26,7 @@ def test_no_text_twice_in_a_global_batch():
     ids = _ids_with_duplicates()
     sampler = GlobalBatchSampler(ids, batch_size=8, world_size=2, seed=3)
     batches = sampler.global_batches(0)
-    assert batches
+    assert len(batches)
     for b in batches:
         texts = ids[b].reshape(-1)
         assert len(texts) == len(set(texts.tolist())) == 16 * 3
@@ -90,3 +95,94 @@ def test_loader_yields_this_ranks_batches():
     got = [b["example_indices"].tolist() for b in loader]
     assert got == [b.tolist() for b in sampler.local_batches(0, 1)]
     assert all(isinstance(b["input_ids"], torch.Tensor) for b in loader)
+
+
+def test_data_that_cannot_fill_one_duplicate_free_batch_is_an_error_naming_the_clashes():
+    ids = np.tile([[0, 1]], (40, 1))  # 40 copies of one pair: never two in one batch
+    sampler = GlobalBatchSampler(ids, batch_size=8, seed=0)
+    with pytest.raises(ValueError, match="cannot fill one global batch of 8 without a text twice.*40 of them share"):
+        sampler.steps_in_epoch(0)
+
+
+def test_a_large_epoch_is_built_in_flat_arrays_with_every_property():
+    rng = np.random.default_rng(0)
+    n = 200_000
+    ids = np.stack([rng.integers(0, n // 3, n), np.arange(n, 2 * n)], axis=1).astype(np.int32)  # anchors repeat
+    lengths = rng.integers(3, 60, n)
+    sampler = GlobalBatchSampler(ids, batch_size=32, world_size=2, seed=1, lengths=lengths, length_grouping=8)
+    batches = sampler.global_batches(0)
+    assert isinstance(batches, np.ndarray) and batches.shape[1] == 64
+    flat = batches.reshape(-1)
+    assert len(np.unique(flat)) == len(flat) > n - 10 * 64  # each used once, few left for the next epoch
+    texts = np.sort(ids[batches].reshape(len(batches), -1), axis=1)
+    assert not (texts[:, 1:] == texts[:, :-1]).any()  # no text twice in any global batch
+    again = GlobalBatchSampler(ids, batch_size=32, world_size=2, seed=1, lengths=lengths, length_grouping=8)
+    assert np.array_equal(again.global_batches(0), batches)
+
+
+@pytest.mark.parametrize("grouping", [0, 8])
+def test_the_fast_path_for_clean_runs_gives_the_same_batches_as_the_plain_fill(monkeypatch, grouping):
+    rng = np.random.default_rng(5)
+    n = 20_000
+    ids = np.stack([rng.integers(0, 3000, n), np.arange(n, 2 * n), rng.integers(2 * n, 2 * n + 20000, n)], axis=1)
+    make = lambda: GlobalBatchSampler(ids, 16, 2, 0, seed=4, lengths=rng.integers(1, 9, n) * 0 + ids[:, 0] % 7,
+                                      length_grouping=grouping).global_batches(1)
+    fast = make()
+    monkeypatch.setattr(GlobalBatchSampler, "BULK_BATCHES", 0)
+    assert np.array_equal(make(), fast)
+
+
+# ---- sharding over processes ----------------------------------------------------------------------
+
+
+def text_ids(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 3) text ids with many shared anchors and one negative shared by every 5th example (like SNLI)."""
+    rng = np.random.default_rng(seed)
+    anchors = rng.integers(0, n // 3, size=n)
+    positives = np.arange(10_000, 10_000 + n)
+    negatives = np.arange(20_000, 20_000 + n)
+    negatives[::5] = 20_000
+    return np.stack([anchors, positives, negatives], axis=1)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("n", [97, 250])
+def test_processes_see_disjoint_equal_batches_without_repeated_text(world, n):
+    ids = text_ids(n)
+    tokens = [[t % 50 + 5] for t in range(30_000)]  # one token per text id: the collate is cheap
+    collator = Collator(tokens, ids, pad_token_id=0)
+    for epoch in range(3):
+        loaders = [list(make_loader(GlobalBatchSampler(ids, 3, world, rank, seed=1), collator, epoch))
+                   for rank in range(world)]
+        assert len({len(batches) for batches in loaders}) == 1 and len(loaders[0]) > 0  # same number of steps
+        seen: set[int] = set()
+        for step in zip(*loaders):
+            examples = [b["example_indices"].numpy() for b in step]
+            assert {len(e) for e in examples} == {3}  # equal-size batches on every process
+            everyone = np.concatenate(examples)
+            assert len(set(everyone.tolist())) == len(everyone)  # disjoint shares
+            assert seen.isdisjoint(everyone.tolist())  # no example twice in an epoch
+            seen.update(everyone.tolist())
+            texts = ids[everyone].reshape(-1)
+            assert len(set(texts.tolist())) == len(texts)  # no text twice in the global batch
+
+
+def test_n_processes_of_b_get_exactly_the_batches_of_one_process_of_n_times_b():
+    """Why a 2-process run can match a 1-process run weight for weight: same global batches, same order."""
+    ids = text_ids(300)
+    single = GlobalBatchSampler(ids, 8, 1, 0, seed=3)
+    shards = [GlobalBatchSampler(ids, 4, 2, rank, seed=3) for rank in range(2)]
+    for epoch in range(2):
+        assert len(single.local_batches(epoch)) == len(shards[0].local_batches(epoch))
+        for whole, *parts in zip(single.local_batches(epoch), *(s.local_batches(epoch) for s in shards)):
+            assert np.array_equal(whole, np.concatenate(parts))
+
+
+def test_resume_mid_epoch_gives_every_process_the_remaining_batches():
+    ids = text_ids(200)
+    for rank in range(2):
+        sampler = GlobalBatchSampler(ids, 4, 2, rank, seed=0)
+        full = sampler.local_batches(1)
+        rest = sampler.local_batches(1, start_step=5)
+        assert len(rest) == len(full) - 5
+        assert all(np.array_equal(a, b) for a, b in zip(full[5:], rest))

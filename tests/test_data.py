@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import nli_rows, shared_file, write_tsv
-from mnr.data import DataError, _hub_spec, detect_schema, load_examples, read_local, tokenize_examples
+from mnr.data import DataError, _hub_spec, detect_schema, load_examples, read_local
 
 NLI_HEADER = ["premise", "hypothesis", "label"]
 
@@ -157,22 +157,27 @@ def test_schema_detection():
     assert detect_schema("x", ["anchor", "positive", "negative"]) == "triplet"
 
 
-def test_tokenise_once_and_cache(tmp_path, tiny_model):
-    from transformers import AutoTokenizer
+def test_a_directory_is_named_as_one_with_the_files_mnr_can_read(tmp_path):
+    write_tsv(tmp_path / "a.tsv", NLI_HEADER, nli_rows(2))
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(b'{"anchor": "a", "positive": "b"}\n'))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"is a directory.*a\.tsv, b\.jsonl\.gz") as err:
+        load_examples(str(tmp_path), hard_negatives=False)
+    assert "notes.txt" not in str(err.value)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(DataError, match="is a directory.*holds no file"):
+        load_examples(str(tmp_path / "sub"), hard_negatives=False)
 
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    path = write_tsv(tmp_path / "t.tsv", ["anchor", "positive", "negative"],
-                     [["a man is playing", "a person plays", "a dog sleeps"],
-                      ["a man is playing", "the boy runs", "a dog sleeps"]])
-    ex, _ = load_examples(str(path), hard_negatives=True)
-    data = tokenize_examples(ex, tok, max_seq_length=6, cache_dir=str(tmp_path / "cache"))
-    assert len(data.token_ids) == 4  # unique texts tokenised once
-    assert data.text_ids.tolist() == [[0, 1, 3], [0, 2, 3]]
-    assert all(len(ids) <= 6 and ids[0] == tok.cls_token_id for ids in data.token_ids)  # truncated, not padded
-    assert len(list((tmp_path / "cache").glob("tokens-*.arrow"))) == 1
-    again = tokenize_examples(ex, tok, max_seq_length=6, cache_dir=str(tmp_path / "cache"))
-    assert again.token_ids == data.token_ids
-    assert len(list((tmp_path / "cache").glob("tokens-*.arrow"))) == 1  # reused, not rewritten
+
+def test_an_error_late_in_a_streamed_file_still_names_the_file(tmp_path):
+    bad = tmp_path / "late.tsv"
+    bad.write_bytes(b"anchor\tpositive\n" + b"a b\tc d\n" * 20000 + b"fa\xe7ade\tfront\n")
+    with pytest.raises(DataError, match="late.tsv: not UTF-8"):
+        load_examples(str(bad), hard_negatives=False)
+    broken = tmp_path / "late.jsonl"
+    broken.write_text('{"anchor": "a", "positive": "b"}\n' * 150 + "{oops\n")
+    with pytest.raises(DataError, match="late.jsonl:151: not valid JSON"):
+        load_examples(str(broken), hard_negatives=False)
 
 
 def test_shared_snli_files_read_without_quote_processing():

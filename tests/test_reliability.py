@@ -1,6 +1,6 @@
 """Nothing lost: kill/resume gives the uninterrupted weights, clean SIGTERM, numerical faults, bad input.
 
-Each row of README's "Reliability" table names the test here that backs it.
+Each row of the "Reliability" table in docs/reliability.md names the test here that backs it.
 """
 
 from __future__ import annotations
@@ -198,6 +198,10 @@ def _bad_input_cases(tmp_path: Path, tiny_model: Path) -> dict:
     (no_weights / "pytorch_model.bin").write_bytes(b"not really a pickle")
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
+    write_tsv(tmp_path / "same.tsv", ["anchor", "positive"], [["a b", "c d"]] * 40)
+    data_dir = tmp_path / "data-dir"
+    data_dir.mkdir()
+    write_tsv(data_dir / "pairs.tsv", ["anchor", "positive"], [["a", "b"]])
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "thesis.pdf").write_text("precious")
@@ -219,13 +223,18 @@ def _bad_input_cases(tmp_path: Path, tiny_model: Path) -> dict:
         "weight decay nan": (["--weight-decay", "nan"], "weight_decay=nan"),
         "scale absurd": (["--scale", "1e9"], "scale=1000000000.0"),
         "max grad norm inf": (["--max-grad-norm", "inf"], "max_grad_norm=inf"),
+        "train data is a directory": (["--train-data", str(data_dir)], "is a directory, not a data file; data files "
+                                      "in it that mnr can read: pairs.tsv"),
+        "one pair repeated": (["--train-data", str(tmp_path / "same.tsv"), "--no-hard-negatives",
+                               "--max-steps", "5"],
+                              "cannot fill one global batch of 4 without a text twice (a false negative): 40 of them"),
     }, good
 
 
 BAD_INPUTS = ["empty file", "no expected columns", "non-UTF-8 bytes", "stray quote in CSV", "smaller than one batch",
               "batch size 1", "seq length beyond positions", "not a model", "no safetensors weights",
               "output dir holds other files", "output dir unwritable", "missing train file", "cache dir is a file", "lr inf",
-              "weight decay nan", "scale absurd", "max grad norm inf"]
+              "weight decay nan", "scale absurd", "max grad norm inf", "train data is a directory", "one pair repeated"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
