@@ -10,6 +10,15 @@ import numpy as np
 import torch
 
 
+def _first_use(candidate_rows: np.ndarray, first_seen: np.ndarray) -> np.ndarray:
+    """(k, roles) text ids of candidates in order -> (k,) whether each candidate's texts all appear there for the
+    first time (no earlier candidate, taken or not, used any of them). first_seen is scratch, text id -> position."""
+    texts = candidate_rows.reshape(-1)
+    pos = np.arange(len(texts))
+    first_seen[texts[::-1]] = pos[::-1]  # repeated index: the last write (earliest position) wins
+    return (first_seen[texts] == pos).reshape(len(candidate_rows), -1).all(axis=1)
+
+
 class GlobalBatchSampler:
     """Builds global batches of `batch_size * world_size` examples and hands out this process's slice.
 
@@ -60,12 +69,9 @@ class GlobalBatchSampler:
             return self._cache[1]
         rng = np.random.default_rng([self.seed, epoch])
         n, size = len(self.text_ids), self.global_batch_size
-        index = np.int32 if n < 2**31 else np.int64  # example indices: half the memory below 2^31 examples
-        order = rng.permutation(n).astype(index)
+        order = self._order(rng)
+        index = order.dtype
         grouped = self.length_grouping > 1
-        if grouped:  # stable sort by length inside each window of k global batches
-            window = self.length_grouping * size
-            order = order[np.lexsort((self.lengths[order], np.arange(n) // window))]
         rows = np.asarray(self.text_ids)  # a mapped store stays mapped: rows are gathered per candidate list
         first_seen = np.zeros(int(rows.max()) + 1, dtype=np.int32)  # scratch: text -> first position in a list
         batches = np.empty((n // size, size), dtype=index)
@@ -93,10 +99,7 @@ class GlobalBatchSampler:
                 break
             while True:  # widen the fresh part until the batch fills or the epoch runs out
                 cands = np.concatenate([head, order[next_fresh:next_fresh + take]])
-                texts = rows[cands].reshape(-1)
-                pos = np.arange(len(texts))
-                first_seen[texts[::-1]] = pos[::-1]  # repeated index: the last write (earliest position) wins
-                ok = (first_seen[texts] == pos).reshape(len(cands), -1).all(axis=1)
+                ok = _first_use(rows[cands], first_seen)
                 filled = np.cumsum(ok)
                 if filled[-1] >= size or next_fresh + take >= n:
                     break
@@ -116,6 +119,17 @@ class GlobalBatchSampler:
             batches = batches[rng.permutation(n_batches)]
         self._cache = (epoch, batches)
         return batches
+
+    def _order(self, rng: np.random.Generator) -> np.ndarray:
+        """The epoch's shuffled example order; with length grouping, stable-sorted by length inside each window of
+        k global batches."""
+        n = len(self.text_ids)
+        index = np.int32 if n < 2**31 else np.int64  # example indices: half the memory below 2^31 examples
+        order = rng.permutation(n).astype(index)
+        if self.length_grouping > 1:
+            window = self.length_grouping * self.global_batch_size
+            order = order[np.lexsort((self.lengths[order], np.arange(n) // window))]
+        return order
 
     def _cannot_fill(self) -> str:
         texts, counts = np.unique(np.asarray(self.text_ids), return_counts=True)

@@ -285,6 +285,25 @@ def _ids(values: array) -> np.ndarray:
     return np.frombuffer(values, dtype=np.int64) if len(values) else np.empty(0, dtype=np.int64)
 
 
+def _nli_row(row: dict, stats: DataStats) -> tuple[str, str, str] | None:
+    """(label, premise, hypothesis) of one NLI row, or None for a row that is skipped (and counted)."""
+    stats.rows += 1
+    if row.get(MALFORMED):
+        stats.skip("malformed row (more fields than the header)")
+        return None
+    raw_label = row.get("label")
+    label = LABELS.get(raw_label.strip().lower() if isinstance(raw_label, str) else raw_label)
+    if label is None:
+        stats.skip("no gold label (-1/-)" if raw_label in NO_GOLD_LABELS or (
+            isinstance(raw_label, str) and raw_label.strip() in NO_GOLD_LABELS) else "unknown label")
+        return None
+    premise, hypothesis = _text(row.get("premise")), _text(row.get("hypothesis"))
+    if premise is None or hypothesis is None:
+        stats.skip("empty or missing text")
+        return None
+    return label, premise, hypothesis
+
+
 def nli_examples(rows: Iterable[dict], hard_negatives: bool, stats: DataStats, intern: Callable[[str], int]
                  ) -> Iterator[np.ndarray]:
     """Entailment pairs; with hard_negatives, (premise, entailment, contradiction) triplets, as text ids.
@@ -298,20 +317,10 @@ def nli_examples(rows: Iterable[dict], hard_negatives: bool, stats: DataStats, i
     ent_p, ent_h, con_p, con_h = array("q"), array("q"), array("q"), array("q")
     n_contra = 0
     for row in rows:
-        stats.rows += 1
-        if row.get(MALFORMED):
-            stats.skip("malformed row (more fields than the header)")
+        parsed = _nli_row(row, stats)
+        if parsed is None:
             continue
-        raw_label = row.get("label")
-        label = LABELS.get(raw_label.strip().lower() if isinstance(raw_label, str) else raw_label)
-        if label is None:
-            stats.skip("no gold label (-1/-)" if raw_label in NO_GOLD_LABELS or (
-                isinstance(raw_label, str) and raw_label.strip() in NO_GOLD_LABELS) else "unknown label")
-            continue
-        premise, hypothesis = _text(row.get("premise")), _text(row.get("hypothesis"))
-        if premise is None or hypothesis is None:
-            stats.skip("empty or missing text")
-            continue
+        label, premise, hypothesis = parsed
         if label == ENTAILMENT:
             ent_p.append(intern(premise))
             ent_h.append(intern(hypothesis))
