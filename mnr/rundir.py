@@ -77,7 +77,9 @@ def check_output_dir(out: Path, model_path: str, identity: dict, resume: str, ov
     if changes is None:
         what = "files that are not an mnr run (a model, other data?)"
     else:
-        what = f"another run ({'; '.join(changes)})" if changes else "this run (pass --resume auto to continue it)"
+        finished = not list_checkpoints(out) and (out / "model.safetensors").is_file()
+        what = (f"another run ({'; '.join(changes)})" if changes else "this run, finished" if finished
+                else "this run (pass --resume auto to continue it)")
     raise OutputDirError(f"output_dir={str(out)!r} is not empty: it holds {what}; pass --overwrite-output-dir "
                          f"to write into it (earlier checkpoints are moved aside), or choose another output dir")
 

@@ -409,7 +409,7 @@ def _evaluate_and_log(t: Trainer, when: str | None) -> dict[str, float]:
         t.metrics.write({"step": t.state.global_step, **scores})
         shown = "  ".join(f"{name} {_shown(name, value)}" for name, value in scores.items() if _is_main_metric(t, name))
         line = f"eval {when or f'at step {t.state.global_step}'}: {shown}"
-        t.eval_info = shown
+        t.eval_info = f"| eval@{t.state.global_step}: {shown}"  # shown on the progress line until the next eval
         if when:
             t.accelerator.print(line)
         else:

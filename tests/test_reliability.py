@@ -527,3 +527,13 @@ def test_a_damaged_run_record_falls_back_to_the_checkpoints_identity(tmp_path, t
     state.write_text(state.read_text().replace('"global_step": 2', '"global_step": "two"'))
     assert main(_args(tiny_model, train_file, out, *common, "--resume", "auto")) == 0  # falls back to checkpoint-1
     assert json.loads((out / "mnr_run.json").read_text())["run_identity"]["lr"] == 1e-3
+
+
+def test_running_the_same_command_twice_says_the_run_is_finished_and_what_to_pass(tmp_path, tiny_model, train_file,
+                                                                                   capsys):
+    out = tmp_path / "o"
+    assert main(_args(tiny_model, train_file, out, "--max-steps", "1")) == 0
+    capsys.readouterr()
+    assert main(_args(tiny_model, train_file, out, "--max-steps", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds this run, finished" in err and "--overwrite-output-dir" in err and "--resume auto" not in err
