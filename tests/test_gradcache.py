@@ -50,8 +50,8 @@ MATRYOSHKA = {"dims": (32, 16, 8), "dim_weights": (1.0, 0.5, 0.25)}  # the tiny 
 
 def tolerance(grad_max: float) -> float:
     """1e-5 for gradients up to 2 (the plain loss's are ~2.1 here); float32 rounding grows with the gradient, and
-    truncated Matryoshka embeddings have ~10x larger ones (small norms), so the bound grows with them: the same
-    relative tolerance (measured relative error: ~2e-6 for plain, symmetric and Matryoshka alike)."""
+    truncated Matryoshka embeddings have much larger ones (small norms), so the bound grows with them: the same
+    relative tolerance for every case."""
     return 1e-5 * max(1.0, grad_max / 2.0)
 
 
