@@ -105,19 +105,22 @@ def raise_first(errors: list) -> None:
             raise error
 
 
-def run_on_main(fn):
+def run_on_main(fn, share: bool = False):
     """fn() on the main process only; its exception, if any, is raised on every process (a sync point).
 
     Work done on the main process alone (output dir, export) must not leave the other processes waiting in a
-    collective when it fails: they would block, or die with a transport traceback when the main one exits."""
+    collective when it fails: they would block, or die with a transport traceback when the main one exits.
+    share=True: every process returns the main process's result (it must pickle), for work all of them need
+    but one should do (e.g. hashing the training data once, not once per process)."""
     result, error = None, None
     if is_main():
         try:
             result = fn()
         except Exception as err:  # re-raised below, on every process
             error = err
-    raise_first(all_gather_object(error)[:1])
-    return result
+    error, shared = all_gather_object((error, result if share else None))[0]
+    raise_first([error])
+    return shared if share else result
 
 
 def main_first(fn):

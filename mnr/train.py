@@ -204,19 +204,18 @@ def setup(cfg: TrainConfig) -> Trainer:
 
     accelerator, report_to = make_accelerator(cfg)
     setup_logging(distributed.is_main())
-    model_path = resolve_model_path(cfg.model)
-    identity = run_identity(cfg, accelerator.num_processes, model_path, cfg.train_data or str(EMBEDDED_TRAIN),
-                            cfg.eval_data or str(EMBEDDED_EVAL))
+    model_path, train_spec = resolve_model_path(cfg.model), cfg.train_data or str(EMBEDDED_TRAIN)
+    # hashed once, by the main process (the data files are read whole), and shared with the others
+    identity = distributed.run_on_main(lambda: run_identity(cfg, accelerator.num_processes, model_path, train_spec,
+                                                            cfg.eval_data or str(EMBEDDED_EVAL)), share=True)
     out = prepare_output_dir(cfg, model_path, identity)
     resume_from = _find_resume(cfg, out)
     set_seed(cfg.seed)
-    encoder, tokenizer = _setup_model(cfg)
-    sampler, collator, examples, data_stats = _setup_data(cfg, tokenizer, accelerator)
+    encoder, tokenizer = _setup_model(cfg, model_path)
+    sampler, collator, examples, data_stats = _setup_data(cfg, train_spec, tokenizer, accelerator)
     evaluators, best_metric = _setup_evaluators(cfg)
+    # an epoch without a single duplicate-free global batch is the sampler's error (it never yields zero steps)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else sum(sampler.steps_in_epoch(e) for e in range(cfg.epochs))
-    if sampler.steps_in_epoch(0) == 0:
-        raise TrainingError(f"{examples} examples give no global batch of {cfg.batch_size * accelerator.num_processes} "
-                            f"without a repeated text; an epoch would have zero steps")
     optimizer = torch.optim.AdamW(param_groups(encoder, cfg.weight_decay), lr=cfg.lr)
     # Not passed to prepare(): Accelerate would step it once per process; we count global steps ourselves.
     # Its state goes into trainer_state.json, not register_for_checkpointing: Accelerate unpickles custom
@@ -249,8 +248,8 @@ def setup(cfg: TrainConfig) -> Trainer:
     return t
 
 
-def _setup_model(cfg: TrainConfig):
-    encoder, tokenizer = load_encoder(resolve_model_path(cfg.model), cfg.trust_remote_code)
+def _setup_model(cfg: TrainConfig, model_path: str):
+    encoder, tokenizer = load_encoder(model_path, cfg.trust_remote_code)
     encoder.length_buckets = cfg.length_buckets
     limit = max_positions(encoder)
     if limit is not None and cfg.max_seq_length > limit:
@@ -262,9 +261,9 @@ def _setup_model(cfg: TrainConfig):
     return encoder, tokenizer
 
 
-def _setup_data(cfg: TrainConfig, tokenizer, accelerator) -> tuple[GlobalBatchSampler, Collator, int, str]:
+def _setup_data(cfg: TrainConfig, train_spec: str, tokenizer, accelerator
+                ) -> tuple[GlobalBatchSampler, Collator, int, str]:
     """Sources -> the memory-mapped token store (built once per filesystem) -> this process's sampler, collator."""
-    train_spec = cfg.train_data or str(EMBEDDED_TRAIN)
     # The main process builds the store first (a failure stops every process with its message); the others then
     # map it (under a file lock, so one process per filesystem builds on nodes without a shared disk).
     data = distributed.main_first(lambda: prepare_train_store(train_spec, tokenizer, cfg.max_seq_length,
