@@ -178,10 +178,10 @@ def test_matryoshka_run_trains_and_a_size_above_the_model_is_refused(tmp_path, t
 
 def test_every_evaluator_runs_in_training_and_metric_for_best_picks_best(tmp_path, tiny_model, nli_file, sts_file,
                                                                           capsys, caplog):
-    from conftest import write_tsv
+    from conftest import WORDS, write_tsv
 
     dev = write_tsv(tmp_path / "dev_pairs.tsv", ["anchor", "positive"],
-                    [[f"a man {w} {i} is outside", f"a person {w} {i} plays"] for i, w in enumerate(WORDS_FOR_DEV)])
+                    [[f"a man {w} {i} is outside", f"a person {w} {i} plays"] for i, w in enumerate(WORDS[10:18])])
     out = tmp_path / "o"
     common = ("--max-steps", "4", "--eval-steps", "2", "--lr", "1e-3", "--cache-dir", str(tmp_path / "c"),
               "--eval-data", f"{sts_file},{dev}")
@@ -199,5 +199,3 @@ def test_every_evaluator_runs_in_training_and_metric_for_best_picks_best(tmp_pat
     err = capsys.readouterr().err
     assert "metric_for_best='dev_pairs/ndcg@11'" in err and "sts/spearman" in err
 
-
-WORDS_FOR_DEV = "dog cat child boy girl car house tree".split()
