@@ -226,8 +226,9 @@ def encode(tokenizer, texts: list[str], max_seq_length: int, backend=None) -> tu
     """Token ids of `texts` (truncated at max_seq_length, special tokens added, no padding), flattened:
     (int32 values, int64 lengths).  With the Rust backend only the ids cross into Python (the wrapper's
     per-text dict of masks would cost more than the tokenising)."""
-    if backend is not None:
-        ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+    if backend is not None:  # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: ~20% less CPU
+        batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        ids = [e.ids for e in batch(texts, add_special_tokens=True)]
     else:
         ids = tokenizer(texts, truncation=True, max_length=max_seq_length, add_special_tokens=True)["input_ids"]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))

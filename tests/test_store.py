@@ -121,3 +121,14 @@ def test_an_unusable_cache_dir_is_a_clear_error(tmp_path, tok):
     blocker.write_text("x")
     with pytest.raises(DataError, match="cannot create the token cache dir .*a-file/sub.*writable --cache-dir"):
         prepare_train_store(str(_triplets(tmp_path)), tok, 6, True, str(blocker / "sub"))
+
+
+def test_the_fast_path_tokenises_exactly_like_the_tokenizer_call(tok):
+    """The store's Rust path (no offsets, no padding) gives the ids of tokenizer(..., truncation=True)."""
+    texts = ["A Man, playing!", "Café au lait — naïve résumé", "漢字 and kana かな mixed", "x" * 300,
+             "word " * 40, "tabs\tand\nnewlines", "ünïcödé ÀÉÎ", "   padded   "]
+    for max_len in (6, 32):
+        values, lengths = store_mod.encode(tok, texts, max_len, store_mod.backend_for(tok, max_len))
+        expected = tok(texts, truncation=True, max_length=max_len)["input_ids"]
+        assert lengths.tolist() == [len(e) for e in expected]
+        assert values.tolist() == [i for e in expected for i in e]
