@@ -138,8 +138,13 @@ def main_first(fn):
 
 
 def shutdown() -> None:
-    """Leave the process group without a collective (after an error every process reports and exits)."""
+    """Leave the process group without a collective (after an error every process reports and exits).
+    Unreachable objects (a failed run's DDP model and its pending work) are collected first, while the
+    interpreter is whole."""
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
 
 

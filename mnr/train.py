@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -91,6 +92,7 @@ class Trainer:
 
 def run(cfg: TrainConfig) -> dict:
     """Train as configured; returns a summary (scores, steps, paths). Raises a USER_ERRORS type on bad input."""
+    t = None
     try:
         t = setup(cfg)
         if t.state.global_step == 0 and not t.state.metrics_before:
@@ -106,6 +108,20 @@ def run(cfg: TrainConfig) -> dict:
         return finish(t) if completed else t.summary
     finally:
         release_locks()  # the output dir's lock, however the run ended
+        if t is not None:
+            close(t)
+
+
+def close(t: Trainer) -> None:
+    """End the trackers and the process group, however the run ended (finished, stopped by a signal, failed).
+
+    The DDP-wrapped model, the optimizer and the scheduler are released first, while the interpreter is whole:
+    DDP's last gloo work objects, destroyed only during interpreter shutdown, abort the process now and then
+    (SIGABRT, "terminate called without an active exception") after a run that succeeded."""
+    t.accelerator.free_memory()
+    t.model = t.optimizer = t.scheduler = None
+    gc.collect()
+    t.accelerator.end_training()
 
 
 def train(t: Trainer) -> bool:
@@ -190,7 +206,6 @@ def finish(t: Trainer) -> dict:
     t.summary.update(metrics_after=after, steps=st.global_step, skipped_steps=st.skipped_steps,
                      best_metric=t.best_metric, best_score=st.best_score)
     t.accelerator.print(f"model saved to {t.out} ({st.global_step} steps)")
-    t.accelerator.end_training()
     return t.summary
 
 
@@ -500,8 +515,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if os.environ.get("MNR_DEBUG"):
             raise
+        message = f"error: {err}"
+    else:
+        message = None
+    if message is not None:  # out of the except block: the traceback, and the run's objects with it, are gone
         if distributed.launched_rank() == 0:  # every process stops with the same error: one line, from rank 0
-            print(f"error: {err}", file=sys.stderr)
+            print(message, file=sys.stderr)
         distributed.shutdown()
         return 2
     if summary.get("interrupted"):
