@@ -15,12 +15,14 @@ on what, the scores, and how to load the model with sentence-transformers and wi
     metrics             dict  evaluator -> metric -> {"before": x, "after": y, "scale": 100 or 1}; a bare number
                               is the score after training; scale 100 (Spearman x 100) prints 2 decimals, scale 1
                               (a 0-1 metric) 4; without "scale", a value beyond +-1 means x 100
-    pooling             str   "mean" or "cls"               } filled by mnr.model.save_model
+    pooling             str   "mean", "cls" or "lasttoken"  } filled by mnr.model.save_model
     normalize           bool  a Normalize module follows     } from the pipeline it writes
     max_seq_length      int                                  }
     embedding_dim       int                                  }
     similarity_fn_name  str   "cosine", "dot", ...           }
     do_lower_case       bool                                 }
+    query_prompt        str   put before queries ("" none)   }
+    document_prompt     str   put before documents           }
     path                str   where the model is (hub id or directory) for the loading snippets; without it
                               they say "<path>" and the card explains what to put there
 
@@ -42,7 +44,16 @@ POOLING_CODE = {
     "cls": '''def pool(last_hidden_state, attention_mask):
     """The embedding of the first token ([CLS])."""
     return last_hidden_state[:, 0]''',
+    "lasttoken": '''def pool(last_hidden_state, attention_mask):
+    """The embedding of each text's last non-padding token (found by the mask: left or right padding)."""
+    positions = torch.arange(attention_mask.shape[1])
+    last = (attention_mask * positions).argmax(dim=1)
+    return last_hidden_state[torch.arange(last_hidden_state.shape[0]), last]''',
 }
+# What each pooling is, in words (summary and usage).
+POOLING_NAMES = {"mean": "mean of the token embeddings over the attention mask",
+                 "cls": "embedding of the first token ([CLS])", "lasttoken": "embedding of the last non-padding token"}
+
 
 def model_card(info: dict) -> str:
     """README.md text for an exported model; `info` as in the module docstring."""
@@ -100,8 +111,7 @@ def _summary(info: dict) -> str:
     dim = f"a {info['embedding_dim']}-dimensional vector" if info.get("embedding_dim") else "a vector"
     pooling = info.get("pooling", "mean")
     steps = [f"transformer (texts truncated to {info['max_seq_length']} tokens)" if info.get("max_seq_length")
-             else "transformer", "mean of the token embeddings over the attention mask" if pooling == "mean"
-             else "embedding of the first token ([CLS])" if pooling == "cls" else f"{pooling} pooling"]
+             else "transformer", POOLING_NAMES.get(pooling, f"{pooling} pooling")]
     if info.get("normalize"):
         steps.append("normalised to unit length")
     similarity = info.get("similarity_fn_name") or "cosine"
@@ -177,18 +187,35 @@ def _usage(info: dict, path: str) -> list[str]:
     if path == PLACEHOLDER:
         lines += [(f"Replace `{PLACEHOLDER}` with the directory that holds this card (the training run's output "
                    f"directory) or, once uploaded, the model's hub id (`owner/name`)."), ""]
-    sentences = repr(SAMPLE_SENTENCES)
+    query, document = info.get("query_prompt") or "", info.get("document_prompt") or ""
+    if query or document:
+        lines += [(f"Prompts: the model was trained with {query!r} before every query and {document!r} before "
+                   f"every document; they are saved with it (`prompt_name=\"query\"` / `\"document\"`, or "
+                   f"`encode_query` / `encode_document`). For symmetric similarity (STS) both sides take the query "
+                   f"prompt, as below and in mnr's evaluation."), ""]
+    prompt_arg = ', prompt_name="query"' if query else ""
     lines += ["With sentence-transformers:", "", "```python", "from sentence_transformers import SentenceTransformer",
-              "", f"model = SentenceTransformer({path!r})", f"sentences = {sentences}",
-              "embeddings = model.encode(sentences)", "print(model.similarity(embeddings, embeddings))", "```", ""]
+              "", f"model = SentenceTransformer({path!r})", f"sentences = {SAMPLE_SENTENCES!r}",
+              f"embeddings = model.encode(sentences{prompt_arg})",
+              "print(model.similarity(embeddings, embeddings))", "```", ""]
+    return lines + _transformers_usage(info, path, pooling, query)
+
+
+def _transformers_usage(info: dict, path: str, pooling: str, query: str) -> list[str]:
+    """The plain-transformers snippet: tokenise (prompt first), run the model, pool as the export does."""
     length = f", max_length={info['max_seq_length']}" if info.get("max_seq_length") else ""
-    lines += ["With transformers only (the same embeddings):", "", "```python", "import torch"]
+    lines = [f"With transformers only (the same embeddings; pooling: {pooling}, the "
+             f"{POOLING_NAMES.get(pooling, pooling)}):", "", "```python", "import torch"]
     if info.get("normalize"):
         lines.append("import torch.nn.functional as F")
     lines += ["from transformers import AutoModel, AutoTokenizer", "", "", POOLING_CODE[pooling], "", "",
               f"tokenizer = AutoTokenizer.from_pretrained({path!r})", f"model = AutoModel.from_pretrained({path!r})",
-              "model.eval()", f"sentences = {sentences}",
-              f"batch = tokenizer(sentences, padding=True, truncation=True{length}, return_tensors='pt')",
+              "model.eval()", f"sentences = {SAMPLE_SENTENCES!r}"]
+    texts = "sentences"
+    if query:
+        lines.append(f"prompt = {query!r}  # the query prompt; documents take {info.get('document_prompt') or ''!r}")
+        texts = "[prompt + s for s in sentences]"
+    lines += [f"batch = tokenizer({texts}, padding=True, truncation=True{length}, return_tensors='pt')",
               "with torch.no_grad():", "    output = model(**batch)",
               "embeddings = pool(output.last_hidden_state, batch['attention_mask'])"]
     if info.get("normalize"):

@@ -45,7 +45,11 @@ _FULL_HASH_LIMIT = 1 << 30  # weight files above 1 GiB: hash of the safetensors 
 
 def run_identity(cfg, world_size: int, model_path: str, train_spec: str, eval_spec: str) -> dict:
     """The fingerprint of a run, flat (key -> value), compared key by key on resume (cfg: a TrainConfig)."""
+    from mnr.model import pipeline_choices, read_pipeline
+
     settings = {k: v for k, v in cfg.to_dict().items() if k not in MAY_CHANGE_ON_RESUME}
+    # pooling and prompts as the run uses them (a default follows the base model's sentence-transformers files)
+    settings.update(pipeline_choices(read_pipeline(model_path), cfg.pooling, cfg.query_prompt, cfg.document_prompt))
     return {"world_size": world_size, **settings, "model_files": _model_hash(model_path),
             "train_data_files": _sources_hash(train_spec), "eval_data_files": _sources_hash(eval_spec)}
 

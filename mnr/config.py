@@ -50,6 +50,14 @@ class TrainConfig:
     max_seq_length: int = _f(128, "truncate every text to this many tokens (batches are padded to their longest)")
     cache_dir: str = _f("", "token store directory (memory-mapped, built once); empty = $MNR_CACHE or ~/.cache/mnr")
     trust_remote_code: bool = _f(False, "allow model repos that ship their own Python code (off: never run it)")
+    pooling: str = _f("", "mean, cls or lasttoken (the last non-padding token); empty = the base model's own "
+                      "sentence-transformers pooling, mean for a plain transformers model")
+    query_prompt: str | None = _f(None, "text put before every query (the anchor column; evaluation queries and "
+                                  "STS sentences) before tokenising, counted in --max-seq-length, e.g. 'query: '; "
+                                  "default: the base model's 'query' prompt if it has one; '' for none")
+    document_prompt: str | None = _f(None, "text put before every document (positives, negatives, a retrieval "
+                                     "corpus), e.g. 'passage: '; default: the base model's 'document' (or "
+                                     "'passage') prompt if it has one; '' for none")
     # optimisation
     batch_size: int = _f(32, "examples per process per step (the global batch is this x number of processes)")
     epochs: int = _f(1, "passes over the training data")
@@ -126,6 +134,8 @@ class TrainConfig:
         need(bool(self.output_dir.strip()), "output_dir", "must not be empty")
         need(not os.path.exists(self.cache_dir) or os.path.isdir(self.cache_dir), "cache_dir",
              "must be a directory (this is a file)")
+        need(self.pooling in ("", "mean", "cls", "lasttoken"), "pooling", "allowed: mean, cls, lasttoken (or empty: "
+             "the base model's own)")
         need(self.report_to in ("auto", "none", "tensorboard", "wandb", "all"), "report_to",
              "allowed: auto, none, tensorboard, wandb, all")
         need(all(d.isdigit() and int(d) > 0 for d in _items(self.matryoshka_dims)), "matryoshka_dims",
@@ -177,7 +187,7 @@ FIELD_NAMES = set(FIELD_TYPES)
 # --help shows the flags in these groups, in this order (a test checks every field is in exactly one).
 HELP_GROUPS = {
     "data": ["train_data", "hard_negatives", "max_seq_length", "cache_dir"],
-    "model": ["model", "trust_remote_code"],
+    "model": ["model", "trust_remote_code", "pooling", "query_prompt", "document_prompt"],
     "optimisation": ["batch_size", "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
                      "scale", "symmetric", "matryoshka_dims", "matryoshka_weights", "mini_batch_size", "length_buckets", "length_grouping", "seed",
                      "skip_nonfinite"],

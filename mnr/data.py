@@ -258,7 +258,9 @@ def split_specs(specs: str | list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# rows -> examples (streamed as chunks of text ids; `intern` maps a text to its id)
+# rows -> examples (streamed as chunks of text ids; `intern(text, role)` maps a text in a role to its id)
+
+QUERY, DOCUMENT = 0, 1  # the role a text is interned in: anchors are queries, positives and negatives documents
 
 
 def _text(value) -> str | None:
@@ -304,7 +306,7 @@ def _nli_row(row: dict, stats: DataStats) -> tuple[str, str, str] | None:
     return label, premise, hypothesis
 
 
-def nli_examples(rows: Iterable[dict], hard_negatives: bool, stats: DataStats, intern: Callable[[str], int]
+def nli_examples(rows: Iterable[dict], hard_negatives: bool, stats: DataStats, intern: Callable[[str, int], int]
                  ) -> Iterator[np.ndarray]:
     """Entailment pairs; with hard_negatives, (premise, entailment, contradiction) triplets, as text ids.
 
@@ -322,13 +324,13 @@ def nli_examples(rows: Iterable[dict], hard_negatives: bool, stats: DataStats, i
             continue
         label, premise, hypothesis = parsed
         if label == ENTAILMENT:
-            ent_p.append(intern(premise))
-            ent_h.append(intern(hypothesis))
+            ent_p.append(intern(premise, QUERY))
+            ent_h.append(intern(hypothesis, DOCUMENT))
         elif label == CONTRADICTION:
             n_contra += 1
             if hard_negatives:
-                con_p.append(intern(premise))
-                con_h.append(intern(hypothesis))
+                con_p.append(intern(premise, QUERY))
+                con_h.append(intern(hypothesis, DOCUMENT))
         else:
             stats.skip("neutral (not used)")
     stats.skip("contradiction used as negative or unused" if hard_negatives else "contradiction (not used for pairs)",
@@ -358,7 +360,7 @@ def nli_examples(rows: Iterable[dict], hard_negatives: bool, stats: DataStats, i
 
 
 def pair_examples(source: str, rows: Iterable[dict], hard_negatives: bool, has_negative: bool, stats: DataStats,
-                  intern: Callable[[str], int]) -> Iterator[np.ndarray]:
+                  intern: Callable[[str, int], int]) -> Iterator[np.ndarray]:
     if hard_negatives and not has_negative:
         raise DataError(f"{source}: --hard-negatives needs a 'negative' column (or NLI premise/hypothesis/label "
                         f"rows); pass --no-hard-negatives to train on its anchor/positive pairs")
@@ -373,7 +375,7 @@ def pair_examples(source: str, rows: Iterable[dict], hard_negatives: bool, has_n
         if None in texts:
             stats.skip("empty or missing text")
             continue
-        chunk.extend(map(intern, texts))
+        chunk.extend(intern(text, QUERY if i == 0 else DOCUMENT) for i, text in enumerate(texts))
         if len(chunk) >= CHUNK_ROWS * len(roles):
             yield _ids(chunk).reshape(-1, len(roles)).copy()
             chunk = array("q")
@@ -381,7 +383,7 @@ def pair_examples(source: str, rows: Iterable[dict], hard_negatives: bool, has_n
         yield _ids(chunk).reshape(-1, len(roles)).copy()
 
 
-def iter_examples(specs: str | list[str], hard_negatives: bool, stats: DataStats, intern: Callable[[str], int]
+def iter_examples(specs: str | list[str], hard_negatives: bool, stats: DataStats, intern: Callable[[str, int], int]
                   ) -> Iterator[np.ndarray]:
     """Every source read as a stream: chunks of (rows, roles) text ids, with counted skips in `stats`.
 
@@ -411,7 +413,7 @@ def load_examples(specs: str | list[str], hard_negatives: bool) -> tuple[Example
     """All examples as Python strings (small data, tests and benchmarks; training reads `mnr.store`)."""
     stats = DataStats()
     index: dict[str, int] = {}
-    chunks = list(iter_examples(specs, hard_negatives, stats, lambda t: index.setdefault(t, len(index))))
+    chunks = list(iter_examples(specs, hard_negatives, stats, lambda t, role: index.setdefault(t, len(index))))
     if stats.examples == 0:
         raise no_examples_error(specs, stats)
     texts = list(index)

@@ -8,6 +8,9 @@ the data (docs/evaluation.md):
   * STS pairs (sentence1, sentence2, score): Spearman x100 of the cosine;
   * a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv; `DIR@split` picks a split);
   * anchor, positive[, negative] rows, or NLI rows, turned into retrieval (mnr/retrieval.py).
+Prompts: the encoder's `pipeline.query_prompt` goes before every retrieval query and, for the symmetric STS
+pairs, before both sentences (the convention of E5/BGE-style models: the query prompt for symmetric tasks);
+`pipeline.document_prompt` before every corpus document.
 Every process calls every evaluator: the texts are encoded in shards across processes and the retrieval scores
 computed in shards by query, then gathered through mnr/distributed.py, so all processes return the same dict,
 equal to the single-process one.
@@ -142,6 +145,12 @@ def encode_sharded(encoder, tokenizer, texts: list[str], max_seq_length: int = 1
                    lambda mine: _embed_batches(encoder, tokenizer, texts, mine, max_seq_length, device))
 
 
+def with_prompt(encoder, texts: list[str], role: str) -> list[str]:
+    """`texts` with the encoder's prompt of `role` ("query" or "document") in front (as the training store did)."""
+    prompt = getattr(getattr(encoder, "pipeline", None), f"{role}_prompt", "") or ""
+    return [prompt + text for text in texts] if prompt else texts
+
+
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
@@ -150,9 +159,11 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 def sts_spearman(encoder, tokenizer, data: STSData, max_seq_length: int = 128, batch_size: int = 64,
                  encode_fn: Callable = encode) -> float:
-    """Spearman x 100 of cos(emb(sentence1), emb(sentence2)) against the gold scores."""
+    """Spearman x 100 of cos(emb(sentence1), emb(sentence2)) against the gold scores (both sides with the
+    query prompt)."""
     texts = list(dict.fromkeys(data.sentences1 + data.sentences2))
-    emb = F.normalize(encode_fn(encoder, tokenizer, texts, max_seq_length, batch_size), dim=-1)
+    emb = F.normalize(encode_fn(encoder, tokenizer, with_prompt(encoder, texts, "query"), max_seq_length,
+                                batch_size), dim=-1)
     pos = {t: i for i, t in enumerate(texts)}
     a = emb[[pos[t] for t in data.sentences1]]
     b = emb[[pos[t] for t in data.sentences2]]
@@ -205,8 +216,10 @@ class RetrievalEvaluator(Evaluator):
 
     def __call__(self, encoder, tokenizer) -> dict[str, float]:
         args = (encoder, tokenizer)
-        queries = F.normalize(encode_sharded(*args, self.data.queries, self.max_seq_length, self.batch_size), dim=-1)
-        docs = F.normalize(encode_sharded(*args, self.data.corpus, self.max_seq_length, self.batch_size), dim=-1)
+        queries = F.normalize(encode_sharded(*args, with_prompt(encoder, self.data.queries, "query"),
+                                             self.max_seq_length, self.batch_size), dim=-1)
+        docs = F.normalize(encode_sharded(*args, with_prompt(encoder, self.data.corpus, "document"),
+                                          self.max_seq_length, self.batch_size), dim=-1)
         device = next(encoder.parameters()).device
         docs = docs.to(device)
         chunks = [list(range(s, min(s + self.query_chunk, len(self.data.queries))))
@@ -329,9 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="texts encoded at once per process (default 64)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow model repos that ship their own Python code (off: never run it)")
+    for role, example in (("query", "query: "), ("document", "passage: ")):
+        parser.add_argument(f"--{role}-prompt", default=None,
+                            help=f"text put before every {role} (e.g. {example!r}); default: the model's saved "
+                                 f"{role!r} prompt (config_sentence_transformers.json), if any; '' for none")
+    parser.add_argument("--pooling", default="", choices=["", "mean", "cls", "lasttoken"],
+                        help="override the model's saved pooling (default: the model's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from mnr.model import ModelError, load_encoder
+    from mnr.model import ModelError, choose_pipeline, load_encoder
 
     device = None
     if distributed.launched_world_size() > 1:  # launched as N processes: one process group, shards
@@ -341,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         evaluators = build_evaluators(",".join(args.data), args.max_seq_length, args.batch_size)
         encoder, tokenizer = load_encoder(args.checkpoint, args.trust_remote_code)
+        choose_pipeline(encoder, args.pooling, args.query_prompt, args.document_prompt)
     except (DataError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -351,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     results = [ev(encoder, tokenizer) for ev in evaluators]
     if distributed.is_main():
         if args.json:
-            print(json.dumps({"model": args.checkpoint, "processes": distributed.world_size(),
+            pipe = encoder.pipeline
+            print(json.dumps({"model": args.checkpoint, "processes": distributed.world_size(), "pooling": pipe.pooling,
+                              "query_prompt": pipe.query_prompt, "document_prompt": pipe.document_prompt,
                               "results": {ev.name: {"kind": ev.kind, "main_metric": ev.main_metric, **res}
                                           for ev, res in zip(evaluators, results)}}))
         else:

@@ -9,8 +9,10 @@ read and written as safetensors only: nothing is ever unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+logger = logging.getLogger(__name__)
 ST_MODULES = [
     {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
     {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -43,7 +46,8 @@ def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> t
 
 def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop padding columns no row needs: cut to `width` or, by default, to the longest row (a host sync)."""
+    """Drop padding columns no row needs: cut to `width` or, by default, to the longest row (a host sync).
+    Rows padded on the right only (as mnr's collator pads)."""
     width = int(attention_mask.sum(dim=1).max()) if width is None else width
     return input_ids[:, :width], attention_mask[:, :width]
 
@@ -53,7 +57,15 @@ def cls_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> to
     return token_embeddings[:, 0].to(torch.float32)
 
 
-POOLINGS = {"mean": mean_pool, "cls": cls_pool}
+def last_token_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(n, T, d) token states -> (n, d) state of each row's last real token: the last position the mask marks,
+    so right and left padding both work (sentence-transformers' `lasttoken`)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask.to(positions.dtype) * positions).argmax(dim=1)  # (n,) index of the last 1 of each row
+    return token_embeddings[torch.arange(token_embeddings.shape[0], device=last.device), last].to(torch.float32)
+
+
+POOLINGS = {"mean": mean_pool, "cls": cls_pool, "lasttoken": last_token_pool}
 
 
 @dataclass
@@ -62,20 +74,23 @@ class Pipeline:
     1_Pooling/config.json, sentence_bert_config.json, config_sentence_transformers.json, README front matter);
     a plain transformers model gets mnr's default: mean pooling, no Normalize."""
 
-    pooling: str = "mean"  # "mean" or "cls": what Encoder.forward computes and the export's Pooling module does
+    pooling: str = "mean"  # a key of POOLINGS: what Encoder.forward computes and the export's Pooling module does
+    base_pooling: str | None = None  # the base's own sentence-transformers pooling (None: a plain transformers model)
     normalize: bool = False  # a Normalize module follows the pooling: embeddings have unit length
     max_seq_length: int | None = None  # the base's truncation for sentence-transformers (None: not given)
     do_lower_case: bool = False
     include_prompt: bool = True  # Pooling: prompt tokens count in the pooled embedding
-    prompts: dict = field(default_factory=dict)
+    prompts: dict = field(default_factory=dict)  # the base's prompts, name -> text
     default_prompt_name: str | None = None
+    query_prompt: str = ""  # put before every query (training anchors, evaluation queries and STS sentences)
+    document_prompt: str = ""  # put before every document (positives, negatives, a retrieval corpus)
     similarity_fn_name: str = "cosine"
     license: str | None = None  # `license:` of the base README's YAML front matter
     base_model: str = ""  # hub id of the base when known, else its local path
 
 
 class Encoder(nn.Module):
-    """Texts' token ids -> one embedding each: transformer, then the pipeline's pooling (mean or cls).
+    """Texts' token ids -> one embedding each: transformer, then the pipeline's pooling (POOLINGS).
 
     `pipeline` describes the base model's sentence-transformers modules and is written back on export;
     `unused_weights` holds the base checkpoint's pooler head, left out of training (its parameters would get
@@ -102,8 +117,13 @@ class Encoder(nn.Module):
         lengths = attention_mask.sum(dim=1)
         order = torch.argsort(lengths)
         chunks = order.chunk(self.length_buckets)
-        # One host sync per forward: the chunk widths must be Python ints to slice.
-        widths = torch.stack([lengths[idx].max() for idx in chunks]).tolist()
+        # One host sync per forward: the chunk widths must be Python ints to slice.  A row whose first token is
+        # padding means padding on the left (a tokenizer with padding_side "left"): there cutting columns would
+        # shift the positions of the real tokens, so such a batch runs whole.
+        left_padded = (attention_mask[:, 0] == 0).any().to(lengths.dtype)
+        *widths, left = torch.stack([lengths[idx].max() for idx in chunks] + [left_padded]).tolist()
+        if left:
+            return self._embed(input_ids, attention_mask)
         parts = [self._embed(*trim_padding(input_ids[idx], attention_mask[idx], w)) for idx, w in zip(chunks, widths)]
         return torch.cat(parts)[torch.argsort(order)]  # back to input order
 
@@ -218,7 +238,7 @@ def base_hub_id(path: str) -> str:
 
 def read_pipeline(path: str) -> Pipeline:
     """The base model's sentence-transformers pipeline; ModelError for one mnr cannot train and export
-    faithfully (modules other than Transformer -> Pooling [-> Normalize], poolings other than mean or cls)."""
+    faithfully (modules other than Transformer -> Pooling [-> Normalize], poolings not in POOLINGS)."""
     pipeline = Pipeline(base_model=base_hub_id(path), license=_front_matter(path).get("license"))
     modules = _read_json(path, "modules.json")
     if not modules:
@@ -232,17 +252,56 @@ def read_pipeline(path: str) -> Pipeline:
     modes = [modes] if isinstance(modes, str) else list(modes)
     if len(modes) != 1 or modes[0] not in POOLINGS:
         raise ModelError(f"model={path!r} pools with {'+'.join(modes) or 'nothing'}; mnr trains with "
-                         f"{' or '.join(POOLINGS)} pooling only")
+                         f"{', '.join(POOLINGS)} pooling only")
     bert = _read_json(path, "sentence_bert_config.json")
     st = _read_json(path, "config_sentence_transformers.json")
     pipeline.pooling, pipeline.normalize = modes[0], kinds[-1] == "Normalize"
+    pipeline.base_pooling = modes[0]
     pipeline.include_prompt = bool(pooling.get("include_prompt", True))
     pipeline.max_seq_length = bert.get("max_seq_length")
     pipeline.do_lower_case = bool(bert.get("do_lower_case", False))
     pipeline.prompts = dict(st.get("prompts") or {})
     pipeline.default_prompt_name = st.get("default_prompt_name")
+    # the names sentence-transformers' encode_query / encode_document look up
+    pipeline.query_prompt = pipeline.prompts.get("query") or ""
+    pipeline.document_prompt = next((pipeline.prompts[k] for k in ("document", "passage", "corpus")
+                                     if pipeline.prompts.get(k)), "")
     pipeline.similarity_fn_name = st.get("similarity_fn_name") or "cosine"
     return pipeline
+
+
+def pipeline_choices(base: Pipeline, pooling: str = "", query_prompt: str | None = None,
+                     document_prompt: str | None = None) -> dict:
+    """The run's pooling and prompts: each given one, else the base model's ('' / None = not given)."""
+    return {"pooling": pooling or base.pooling,
+            "query_prompt": base.query_prompt if query_prompt is None else query_prompt,
+            "document_prompt": base.document_prompt if document_prompt is None else document_prompt}
+
+
+def choose_pipeline(encoder: Encoder, pooling: str = "", query_prompt: str | None = None,
+                    document_prompt: str | None = None) -> None:
+    """Set the run's pooling and prompts on the encoder (see `pipeline_choices`); a pooling other than the
+    base's own sentence-transformers pooling is allowed, with a warning."""
+    base = encoder.pipeline
+    if pooling and pooling not in POOLINGS:
+        raise ModelError(f"pooling={pooling!r} is invalid: allowed: {', '.join(POOLINGS)}")
+    choices = pipeline_choices(base, pooling, query_prompt, document_prompt)
+    if pooling and base.base_pooling and pooling != base.base_pooling:
+        logger.warning("pooling=%r differs from the base model's own %r pooling (%s): the base was trained "
+                       "for its own", pooling, base.base_pooling, base.base_model)
+    if (choices["query_prompt"] or choices["document_prompt"]) and not base.include_prompt:
+        raise ModelError(f"model={base.base_model!r} pools without its prompt tokens (include_prompt: false), "
+                         f"which mnr does not implement; train it without prompts (--query-prompt '' "
+                         f"--document-prompt '')")
+    encoder.pipeline = dataclasses.replace(base, **choices)
+
+
+def export_prompts(pipe: Pipeline) -> tuple[dict, str | None]:
+    """(prompts, default_prompt_name) of the export: the base's, with "query" and "document" set to the run's
+    whenever it uses a prompt or the base named one (then no default prompt: encode() takes none)."""
+    if not (pipe.query_prompt or pipe.document_prompt or {"query", "document"} & set(pipe.prompts)):
+        return dict(pipe.prompts), pipe.default_prompt_name
+    return {**pipe.prompts, "query": pipe.query_prompt, "document": pipe.document_prompt}, None
 
 
 def _front_matter(path: str) -> dict:
@@ -293,20 +352,22 @@ def save_model(encoder: Encoder, tokenizer, out_dir: str | os.PathLike, max_seq_
         (out / NORMALIZE_MODULE["path"]).mkdir(exist_ok=True)  # Normalize has no settings: an empty folder
     (out / "1_Pooling").mkdir(exist_ok=True)
     pooling = {"word_embedding_dimension": encoder.config.hidden_size,
-               **{key: mode == pipe.pooling for key, mode in list(CLASSIC_POOLING_KEYS.items())[:4]}}
+               **{key: mode == pipe.pooling for key, mode in CLASSIC_POOLING_KEYS.items()}}
     if not pipe.include_prompt:
         pooling["include_prompt"] = False
     (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
     (out / "sentence_bert_config.json").write_text(json.dumps(
         {**({"max_seq_length": seq_len} if seq_len else {}), "do_lower_case": pipe.do_lower_case}, indent=2))
+    prompts, default_prompt_name = export_prompts(pipe)
     (out / "config_sentence_transformers.json").write_text(json.dumps({
         "__version__": {"mnr": _version(), "transformers": transformers.__version__, "pytorch": torch.__version__},
-        "prompts": pipe.prompts, "default_prompt_name": pipe.default_prompt_name,
+        "prompts": prompts, "default_prompt_name": default_prompt_name,
         "similarity_fn_name": pipe.similarity_fn_name}, indent=2))
     # What the files above say wins over `card`: the card's snippets must load exactly this export.
     facts = {"base_model": pipe.base_model, "pooling": pipe.pooling, "normalize": pipe.normalize,
              "max_seq_length": seq_len, "embedding_dim": encoder.config.hidden_size,
-             "similarity_fn_name": pipe.similarity_fn_name, "do_lower_case": pipe.do_lower_case}
+             "similarity_fn_name": pipe.similarity_fn_name, "do_lower_case": pipe.do_lower_case,
+             "query_prompt": pipe.query_prompt, "document_prompt": pipe.document_prompt}
     run_facts = {k: v for k, v in (card or {}).items() if v is not None}
     (out / "README.md").write_text(model_card({"license": pipe.license, **run_facts, **facts}), encoding="utf-8")
 

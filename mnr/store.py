@@ -12,9 +12,13 @@ Invariants:
     into a temporary directory renamed into place only when complete: a crash or Ctrl-C mid-build leaves
     nothing that a later run trusts.  A store whose manifest or file sizes do not match is rebuilt.
   * The fingerprint covers the sources (path, size and mtime of local files; `datasets`' fingerprint of hub
-    splits), the hard-negatives flag, the tokenizer (class, vocabulary, lower-casing) and max_seq_length.
+    splits), the hard-negatives flag, the tokenizer (class, vocabulary, lower-casing), max_seq_length and the
+    query/document prompts.
   * Every process maps the files read-only: N processes on a node share one copy in the page cache, and no
     per-text Python object is held while training.
+  * Prompts: a query (anchor) is stored as query_prompt + text, a document (positive, negative) as
+    document_prompt + text, prompt first, then hashed and tokenised (the prompt counts in max_seq_length); so
+    one text that is a query here and a document there is two token sequences when the prompts differ.
   * Sources are read as a stream; texts are deduplicated by a 128-bit BLAKE2b hash of their UTF-8 bytes;
     new texts are tokenised in chunks on a background thread with the fast tokenizer's own thread pool
     (every core), while the main thread reads and hashes the next rows.
@@ -36,8 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mnr.data import (DataError, DataStats, default_cache_dir, is_local, iter_examples, load_hub, no_examples_error,
-                      split_specs)
+from mnr.data import (DOCUMENT, QUERY, DataError, DataStats, default_cache_dir, is_local, iter_examples, load_hub,
+                      no_examples_error, split_specs)
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +125,14 @@ def source_identity(spec: str) -> dict:
     return {"hub": spec, "fingerprint": getattr(load_hub(spec), "_fingerprint", None)}
 
 
-def store_fingerprint(specs: list[str], hard_negatives: bool, tokenizer, max_seq_length: int) -> tuple[str, dict]:
+def store_fingerprint(specs: list[str], hard_negatives: bool, tokenizer, max_seq_length: int,
+                      prompts: tuple[str, str] = ("", "")) -> tuple[str, dict]:
+    """(fingerprint, what it was made of); `prompts` = (query prompt, document prompt)."""
     what = {"version": STORE_VERSION, "sources": [source_identity(s) for s in specs],
             "hard_negatives": hard_negatives, "tokenizer": tokenizer_identity(tokenizer),
             "max_seq_length": max_seq_length}
+    if any(prompts):  # without prompts a store is the one built before prompts existed: its fingerprint stays
+        what["prompts"] = {"query": prompts[0], "document": prompts[1]}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24], what
 
 
@@ -156,13 +164,23 @@ def open_store(path: Path) -> TokenStore:
 # build
 
 
-class _TextTable:
-    """Interns texts by hash and tokenises each new one once, appending to tokens.bin in id order."""
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest(), "little")
 
-    def __init__(self, tokenizer, max_seq_length: int, directory: Path):
+
+class _TextTable:
+    """Interns texts (prompt + text, by the role's prompt) by hash and tokenises each new one once, appending
+    to tokens.bin in id order."""
+
+    def __init__(self, tokenizer, max_seq_length: int, directory: Path, prompts: tuple[str, str] = ("", "")):
         self.tokenizer, self.max_seq_length = tokenizer, max_seq_length
         self.backend = backend_for(tokenizer, max_seq_length)
+        self.prompts = {QUERY: prompts[0], DOCUMENT: prompts[1]}
         self.ids: dict[int, int] = {}  # 128-bit hash -> text id (integers only: no text is kept)
+        # Different prompts: a text as query and as document get two ids; the id of the bare text of each
+        # (raw_of[text id]) still finds an example with the same text twice (see `drop_same_text`).
+        self.raw: dict[int, int] | None = {} if prompts[0] != prompts[1] else None
+        self.raw_of = array("q")
         self.pending: list[str] = []
         self.text_lengths = array("q")
         self.n_tokens = 0
@@ -170,12 +188,15 @@ class _TextTable:
         self.pool = ThreadPoolExecutor(1)  # one writer keeps the order; the tokenizer itself uses every core
         self.inflight = None
 
-    def intern(self, text: str) -> int:
-        key = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest(), "little")
+    def intern(self, text: str, role: int = DOCUMENT) -> int:
+        prompted = self.prompts[role] + text
+        key = _hash(prompted)
         t = self.ids.get(key)
         if t is None:
             t = self.ids[key] = len(self.ids)
-            self.pending.append(text)
+            self.pending.append(prompted)
+            if self.raw is not None:
+                self.raw_of.append(self.raw.setdefault(_hash(text), len(self.raw)))
             if len(self.pending) >= TOKENISE_CHUNK:
                 self._flush()
         return t
@@ -201,7 +222,21 @@ class _TextTable:
         self.pool.shutdown()
         self.tokens.close()
         self.ids.clear()
+        self.raw = None
         return np.frombuffer(self.text_lengths, dtype=np.int64) if self.text_lengths else np.empty(0, np.int64)
+
+    def drop_same_text(self, ids: np.ndarray, stats: DataStats) -> np.ndarray:
+        """The examples of `ids` without one text twice (a query equal to its positive or negative, which the
+        prompts gave different ids), the rest counted as skipped."""
+        if self.raw is None:
+            return ids
+        raw = np.sort(np.frombuffer(self.raw_of, dtype=np.int64)[ids], axis=1)
+        ok = (raw[:, 1:] != raw[:, :-1]).all(axis=1)
+        if ok.all():
+            return ids
+        stats.skip("same text twice in one example", int((~ok).sum()))
+        stats.examples -= int((~ok).sum())
+        return ids[ok]
 
     def abort(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -251,16 +286,17 @@ def _tokenizer_threads():
 
 
 def build_store(specs: list[str], tokenizer, max_seq_length: int, hard_negatives: bool, final: Path,
-                fingerprint: str, what: dict) -> None:
+                fingerprint: str, what: dict, prompts: tuple[str, str] = ("", "")) -> None:
     """Read, dedupe, tokenise and write a store into a temporary directory, then rename it to `final`."""
     tmp = final.parent / f"{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     table = None
     try:
-        table = _TextTable(tokenizer, max_seq_length, tmp)
+        table = _TextTable(tokenizer, max_seq_length, tmp, prompts)
         stats = DataStats()
         with _tokenizer_threads():
-            chunks = [ids.astype(np.int32) for ids in iter_examples(specs, hard_negatives, stats, table.intern)]
+            chunks = [table.drop_same_text(ids, stats).astype(np.int32)
+                      for ids in iter_examples(specs, hard_negatives, stats, table.intern)]
             text_lengths = table.finish()
         if stats.examples == 0:
             raise no_examples_error(specs, stats)
@@ -294,8 +330,9 @@ def build_store(specs: list[str], tokenizer, max_seq_length: int, hard_negatives
 
 
 def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, hard_negatives: bool,
-                        cache_dir: str = "") -> TokenStore:
-    """The token store of these sources, built if missing or damaged, then memory-mapped.
+                        cache_dir: str = "", prompts: tuple[str, str] = ("", "")) -> TokenStore:
+    """The token store of these sources, built if missing or damaged, then memory-mapped; `prompts` =
+    (query prompt, document prompt), put before the anchors and before the positives and negatives.
 
     Safe to call from every process at once: the first to take the store's file lock builds, the others
     wait on the lock and map the finished store (one build per filesystem, so one per node with node-local
@@ -311,7 +348,7 @@ def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, 
     except OSError as err:
         raise DataError(f"cannot create the token cache dir {cache} ({err.strerror}); "
                         f"pass a writable --cache-dir") from None
-    fingerprint, what = store_fingerprint(specs, hard_negatives, tokenizer, max_seq_length)
+    fingerprint, what = store_fingerprint(specs, hard_negatives, tokenizer, max_seq_length, prompts)
     final = cache / f"store-{fingerprint}"
     if check_store(final, fingerprint) is None:
         return open_store(final)
@@ -327,5 +364,5 @@ def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, 
         for stale in cache.glob(f"{final.name}.tmp-*"):  # left by a killed build (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         logger.info("building the token store %s", final)
-        build_store(specs, tokenizer, max_seq_length, hard_negatives, final, fingerprint, what)
+        build_store(specs, tokenizer, max_seq_length, hard_negatives, final, fingerprint, what, prompts)
     return open_store(final)

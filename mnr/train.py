@@ -28,7 +28,8 @@ from mnr.evaluate import Evaluator, build_evaluators, metric_choices
 from mnr.gradcache import cached_loss_and_backward
 from mnr.launch import LaunchError, make_accelerator
 from mnr.loss import mnr_loss, split_roles
-from mnr.model import ModelError, load_encoder, max_positions, nonfinite_weights, resolve_model_path, save_model
+from mnr.model import (ModelError, choose_pipeline, load_encoder, max_positions, nonfinite_weights, resolve_model_path,
+                       save_model)
 from mnr.reporting import LogWindow, MetricsLog, Progress, StopRequest, setup_logging
 from mnr.rundir import OutputDirError, open_output_dir, release_locks, write_marker
 from mnr.store import prepare_train_store
@@ -227,7 +228,8 @@ def setup(cfg: TrainConfig) -> Trainer:
     resume_from = _find_resume(cfg, out)
     set_seed(cfg.seed)
     encoder, tokenizer = _setup_model(cfg, model_path)
-    sampler, collator, examples, data_stats = _setup_data(cfg, train_spec, tokenizer, accelerator)
+    prompts = (encoder.pipeline.query_prompt, encoder.pipeline.document_prompt)
+    sampler, collator, examples, data_stats = _setup_data(cfg, train_spec, tokenizer, accelerator, prompts)
     evaluators, best_metric = _setup_evaluators(cfg)
     # an epoch without a single duplicate-free global batch is the sampler's error (it never yields zero steps)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else sum(sampler.steps_in_epoch(e) for e in range(cfg.epochs))
@@ -266,6 +268,7 @@ def setup(cfg: TrainConfig) -> Trainer:
 def _setup_model(cfg: TrainConfig, model_path: str):
     encoder, tokenizer = load_encoder(model_path, cfg.trust_remote_code)
     encoder.length_buckets = cfg.length_buckets
+    choose_pipeline(encoder, cfg.pooling, cfg.query_prompt, cfg.document_prompt)  # the evaluators read them too
     limit = max_positions(encoder)
     if limit is not None and cfg.max_seq_length > limit:
         raise TrainingError(f"max_seq_length={cfg.max_seq_length} exceeds the model's position limit ({limit} tokens)")
@@ -276,13 +279,13 @@ def _setup_model(cfg: TrainConfig, model_path: str):
     return encoder, tokenizer
 
 
-def _setup_data(cfg: TrainConfig, train_spec: str, tokenizer, accelerator
+def _setup_data(cfg: TrainConfig, train_spec: str, tokenizer, accelerator, prompts: tuple[str, str] = ("", "")
                 ) -> tuple[GlobalBatchSampler, Collator, int, str]:
     """Sources -> the memory-mapped token store (built once per filesystem) -> this process's sampler, collator."""
     # The main process builds the store first (a failure stops every process with its message); the others then
     # map it (under a file lock, so one process per filesystem builds on nodes without a shared disk).
     data = distributed.main_first(lambda: prepare_train_store(train_spec, tokenizer, cfg.max_seq_length,
-                                                              cfg.hard_negatives, cfg.cache_dir))
+                                                              cfg.hard_negatives, cfg.cache_dir, prompts))
     logger.info("train data %s: %s", train_spec, data.stats.summary())
     sampler = GlobalBatchSampler(data.text_ids, cfg.batch_size, accelerator.num_processes, distributed.rank(),
                                  cfg.seed, data.lengths, cfg.length_grouping)

@@ -70,13 +70,15 @@ def test_scores_are_rounded_and_settings_tabled():
     assert "| learning rate | 2e-05 |" in card and "86.716" not in card
 
 
-@pytest.mark.parametrize("pipeline", [{"pooling": "mean", "normalize": False}, {"pooling": "cls", "normalize": True}])
+@pytest.mark.parametrize("pipeline", [{"pooling": "mean", "normalize": False}, {"pooling": "cls", "normalize": True},
+                                      {"pooling": "lasttoken", "normalize": True, "prompts": ("query: ", "doc: ")}])
 def test_both_snippets_load_the_export_and_give_the_trainers_embeddings(tiny_model, tmp_path, pipeline):
-    from mnr.evaluate import encode
-    from mnr.model import load_encoder, save_model
+    from mnr.evaluate import encode, with_prompt
+    from mnr.model import choose_pipeline, load_encoder, save_model
 
     encoder, tok = load_encoder(str(tiny_model))
-    encoder.pipeline.pooling, encoder.pipeline.normalize = pipeline["pooling"], pipeline["normalize"]
+    choose_pipeline(encoder, pipeline["pooling"], *pipeline.get("prompts", ("", "")))
+    encoder.pipeline.normalize = pipeline["normalize"]
     out = tmp_path / "out"
     save_model(encoder, tok, out, 32, card={"steps": 1})
     snippets = python_blocks((out / "README.md").read_text())
@@ -86,7 +88,9 @@ def test_both_snippets_load_the_export_and_give_the_trainers_embeddings(tiny_mod
         scope: dict = {}
         exec(code.replace(PLACEHOLDER, str(out)), scope)  # noqa: S102 - the card's own code
         results.append(torch.as_tensor(scope["embeddings"]))
-    ours = encode(encoder, tok, scope["sentences"], max_seq_length=32)
+    card = (out / "README.md").read_text()
+    assert f"pooling: {pipeline['pooling']}" in card and ("prompt_name=\"query\"" in card) == ("prompts" in pipeline)
+    ours = encode(encoder, tok, with_prompt(encoder, scope["sentences"], "query"), max_seq_length=32)
     if pipeline["normalize"]:
         ours = torch.nn.functional.normalize(ours, dim=-1)
     for got in results:

@@ -32,6 +32,7 @@ def test_yaml_then_flags_override(tmp_path):
     (["--resume", "/no/such/dir"], "resume", "'/no/such/dir'"),
     (["--max-seq-length", "2"], "max_seq_length", "2"),
     (["--mini-batch-size", "64"], "mini_batch_size", "64"),
+    (["--pooling", "max"], "pooling", "'max'"),
 ])
 def test_bad_values_name_field_and_value(argv, field, value):
     with pytest.raises(ConfigError) as err:
@@ -112,3 +113,14 @@ def test_help_groups_every_flag_and_ends_with_examples():
         assert "\n" + title in text
     assert text.rstrip().splitlines()[-1].strip().startswith("accelerate launch")
     assert "mnr-train" in build_parser(prog="mnr-train").format_usage()
+
+
+def test_prompts_default_to_the_base_models_and_an_empty_one_means_none(tmp_path):
+    cfg = parse_config([])
+    assert (cfg.pooling, cfg.query_prompt, cfg.document_prompt) == ("", None, None)  # the base model's
+    cfg = parse_config(["--query-prompt", "", "--document-prompt", "passage: ", "--pooling", "lasttoken"])
+    assert (cfg.pooling, cfg.query_prompt, cfg.document_prompt) == ("lasttoken", "", "passage: ")
+    path = tmp_path / "c.yaml"
+    path.write_text('query_prompt: "query: "\ndocument-prompt: "passage: "\npooling: cls\n')
+    cfg = parse_config(["--config", str(path)])
+    assert (cfg.pooling, cfg.query_prompt, cfg.document_prompt) == ("cls", "query: ", "passage: ")

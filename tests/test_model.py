@@ -195,7 +195,7 @@ def test_export_keeps_the_base_sentence_transformers_pipeline(tiny_model, tmp_pa
 
 
 @pytest.mark.parametrize("kind, match", [
-    ({"pooling": "max"}, "pools with max; mnr trains with mean or cls"),
+    ({"pooling": "max"}, "pools with max; mnr trains with mean, cls, lasttoken"),
     ({"modules": ["Transformer", "Pooling", "Dense"]}, "Transformer -> Pooling -> Dense"),
 ])
 def test_pipeline_mnr_cannot_train_faithfully_is_refused(tiny_model, tmp_path, kind, match):
