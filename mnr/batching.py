@@ -120,7 +120,7 @@ class GlobalBatchSampler:
         if self.by_source is None:
             return
         if len(self.weights) != n_sources or not (self.weights > 0).all():
-            raise ValueError(f"source weights {list(self.weights)} are invalid: one positive weight per source "
+            raise ValueError(f"source weights {self.weights.tolist()} are invalid: one positive weight per source "
                              f"({n_sources})")
         for name, index in zip(self.source_names, self.by_source):
             if len(index) < self.global_batch_size:
