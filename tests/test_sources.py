@@ -207,3 +207,23 @@ def test_auto_reads_pairs_and_hard_negatives_still_refuses_them(tmp_path):
     assert load_examples(str(pairs), None)[0].negatives is None
     with pytest.raises(DataError, match="--hard-negatives needs a 'negative' column"):
         load_examples(str(pairs), True)
+
+
+# ---- end to end (tiny model) ------------------------------------------------------------------------------
+
+
+def test_two_sources_train_with_one_source_per_batch_and_count_steps(tmp_path, tiny_model, nli_file, caplog):
+    from conftest import train_args
+    from mnr.train import main
+
+    pairs = write_tsv(tmp_path / "pairs.tsv", ["anchor", "positive"],
+                      [[f"a small dog {i} runs", f"the dog {i} is running"] for i in range(24)])
+    out = tmp_path / "run"
+    with caplog.at_level("INFO", logger="mnr"):
+        assert main(train_args(tiny_model, f"{nli_file},{pairs}*2", out, "--max-steps", "4", "--log-steps", "2",
+                               "--eval-data", "none", "--source-sampling", "round-robin")) == 0
+    assert "hard negatives: 1 per query (auto: the data has them" in caplog.text
+    assert "no negatives in " + str(pairs) in caplog.text  # the pair source: in-batch negatives only
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    counts = [r["steps_per_source"] for r in logged if "steps_per_source" in r]
+    assert [sum(c.values()) for c in counts] == [2, 4] and min(counts[-1].values()) >= 1
