@@ -10,7 +10,7 @@ N STSb validation pairs and, as retrieval, the first N STSb validation pairs sco
 Skips with a message when the shared data is absent.
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python benchmarks/bench_sources.py
-    python benchmarks/bench_sources.py --steps 40 --batch-size 16 --eval-pairs 400 --k 3
+    python benchmarks/bench_sources.py --steps 20 --batch-size 16 --eval-pairs 200 --k 3 --jobs 4
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import gzip
 import json
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,7 +47,8 @@ def write_data(work: Path) -> dict[str, Path]:
     stsb = work / "stsb_pairs.tsv"
     with open(stsb, "w", encoding="utf-8") as fh:
         fh.write("anchor\tpositive\n")
-        fh.writelines(f"{a}\t{b}\n" for a, b, score in _rows(STSB_TRAIN) if float(score) >= 4 and a.strip() != b.strip())
+        fh.writelines(f"{a}\t{b}\n" for a, b, score in _rows(STSB_TRAIN)
+                      if float(score) >= 4 and a.strip() != b.strip())
     nli = work / "snli_nli.tsv"
     with open(nli, "w", encoding="utf-8") as fh:
         fh.write("premise\thypothesis\tlabel\n")
@@ -90,6 +92,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--k", default="3", help="negatives per query of run (b)'s second row (a number or 'all')")
     p.add_argument("--eval-pairs", type=int, default=0, help="0: the trainer's default evaluation; N: the small one")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (a shared CPU gives each process its share)")
     p.add_argument("--workdir", default="", help="where data, models and logs go (default: a temp dir)")
     args = p.parse_args()
     if not (common.NLI_DIR.is_dir() and STSB_TRAIN.is_file()):
@@ -108,19 +111,25 @@ def main() -> None:
              ["--hard-negatives", "--negatives-per-query", "1"]),
             ("(b) SNLI with contradictions", f"{args.k} negatives per query", str(data["nli"]),
              ["--hard-negatives", "--negatives-per-query", args.k])]
-    rows = []
-    for i, (setup, variant, train, flags) in enumerate(runs):
+    def one(i: int) -> str:
+        setup, variant, train, flags = runs[i]
         out, log = work / f"run{i}", work / f"run{i}.log"
-        cmd = common.ours_cmd(model, train, out, args.batch_size, args.steps, HYPER + flags + evaluation + ["--log-steps", "10"])
+        cmd = common.ours_cmd(model, train, out, args.batch_size, args.steps,
+                              HYPER + flags + evaluation + ["--log-steps", "10"])
         cmd[cmd.index("--train-data") + 1] = train
         rc, wall, _ = common.run_child(cmd, log)
         scores = final_scores(out / "metrics.jsonl") if rc == 0 else {}
         spearman, ndcg = pick(scores, "/spearman"), pick(scores, "/ndcg@10")
-        rows.append(f"| {setup} | {variant} | {'-' if spearman is None else f'{spearman:.2f}'} | "
-                    f"{'-' if ndcg is None else f'{ndcg:.4f}'} | {wall:.0f} |" + ("" if rc == 0 else f" failed ({log})"))
-        print(rows[-1], flush=True)
+        row = (f"| {setup} | {variant} | {'-' if spearman is None else f'{spearman:.2f}'} | "
+               f"{'-' if ndcg is None else f'{ndcg:.4f}'} | {wall:.0f} |" + ("" if rc == 0 else f" failed ({log})"))
+        print(row, flush=True)
+        return row
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        rows = list(pool.map(one, range(len(runs))))
     print(f"\n{args.steps} steps, batch {args.batch_size}, seed 42, all-MiniLM-L6-v2\n")
-    dev = (f"first {args.eval_pairs} STSb validation pairs; retrieval: the first {args.eval_pairs} STSb validation pairs >= 4" if args.eval_pairs
+    dev = (f"first {args.eval_pairs} STSb validation pairs; retrieval: the first {args.eval_pairs} STSb validation "
+           f"pairs >= 4" if args.eval_pairs
            else "all STSb validation; retrieval: embedded stsb_retrieval")
     print(f"evaluation after training: {dev}\n")
     print("| data | variant | STSb Spearman | retrieval nDCG@10 | wall s |")

@@ -285,7 +285,8 @@ def choose_negatives(rows: np.ndarray, example_indices: np.ndarray, k: int, seed
     valid = negatives != NO_TEXT
     if negatives.shape[1] > k or not valid.all():
         with np.errstate(over="ignore"):
-            base = _mix64(np.array([seed % 2**64, epoch % 2**64], dtype=np.uint64) * np.uint64(0x9E3779B1)).sum(dtype=np.uint64)
+            pair = np.array([seed % 2**64, epoch % 2**64], dtype=np.uint64)
+            base = _mix64(pair * np.uint64(0x9E3779B1)).sum(dtype=np.uint64)
             slot = example_indices.astype(np.uint64)[:, None] * np.uint64(negatives.shape[1]) + np.arange(
                 negatives.shape[1], dtype=np.uint64)
             keys = _mix64(slot ^ _mix64(base))

@@ -42,9 +42,9 @@ MALFORMED = "__malformed__"  # marks a row with more fields than the header
 ENTAILMENT, NEUTRAL, CONTRADICTION = "entailment", "neutral", "contradiction"
 LABELS = {0: ENTAILMENT, 1: NEUTRAL, 2: CONTRADICTION, "0": ENTAILMENT, "1": NEUTRAL, "2": CONTRADICTION,
           ENTAILMENT: ENTAILMENT, NEUTRAL: NEUTRAL, CONTRADICTION: CONTRADICTION}
-NO_GOLD_LABELS = {-1, "-1", "-", ""}
+NO_GOLD_LABELS = {-1, "-1", "-", ""}  # SNLI/MNLI pairs without annotator agreement: dropped like other non-entailments
 NO_TEXT = -1  # an empty negative slot of an example with fewer negatives than the widest one
-MAX_NLI_NEGATIVES = 16  # contradictions kept per premise (the rest are counted, not used)  # SNLI/MNLI pairs without annotator agreement: dropped like other non-entailments
+MAX_NLI_NEGATIVES = 16  # contradictions kept per premise (the rest are counted, not used)
 
 
 class DataError(ValueError):
