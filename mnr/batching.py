@@ -2,21 +2,57 @@
 
 The order of epoch e is a pure function of (seed, epoch); a position in training is (epoch, step), so a
 resumed run rebuilds the same batches and skips the consumed ones by index (nothing is re-read).
+With several sources, every global batch is drawn from one source (`SOURCE_SAMPLING` says which source
+each step takes); the k negatives of an example are chosen per epoch by the Collator.
 """
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
+
+from mnr.config import parse_sampling
+from mnr.data import NO_TEXT
+
+SOURCE_SAMPLING = ("proportional", "round-robin", "temperature:T")
 
 
 def _first_use(candidate_rows: np.ndarray, first_seen: np.ndarray) -> np.ndarray:
     """(k, roles) text ids of candidates in order -> (k,) whether each candidate's texts all appear there for the
-    first time (no earlier candidate, taken or not, used any of them). first_seen is scratch, text id -> position."""
+    first time (no earlier candidate, taken or not, used any of them). first_seen is scratch, text id -> position;
+    its last slot takes the empty negative slots (-1), which never clash."""
     texts = candidate_rows.reshape(-1)
+    empty = texts == NO_TEXT
+    texts = np.where(empty, len(first_seen) - 1, texts)
     pos = np.arange(len(texts))
     first_seen[texts[::-1]] = pos[::-1]  # repeated index: the last write (earliest position) wins
-    return (first_seen[texts] == pos).reshape(len(candidate_rows), -1).all(axis=1)
+    return ((first_seen[texts] == pos) | empty).reshape(len(candidate_rows), -1).all(axis=1)
+
+
+def steps_per_source(batches: np.ndarray, weights: np.ndarray, rule: str) -> np.ndarray:
+    """How many of an epoch's sum(batches) steps each source takes: in proportion to weight x batches
+    (proportional), to (weight x batches)^(1/T) (temperature:T) or to the weight alone (round-robin); rounded by
+    largest remainder.  A source given more steps than it has batches is cycled (reshuffled), one given fewer
+    uses a fresh random part of its examples each epoch."""
+    kind, temperature = parse_sampling(rule)
+    share = weights * (1.0 if kind == "round-robin" else batches.astype(float))
+    share = share ** (1.0 / temperature)
+    total = int(batches.sum())
+    exact = share / share.sum() * total
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(-(exact - counts), kind="stable")[:total - counts.sum()]] += 1
+    return counts
+
+
+def interleave(counts: np.ndarray, rule: str, rng: np.random.Generator) -> np.ndarray:
+    """(steps,) the source of each step: evenly spread in turn (round-robin), else a seeded shuffle."""
+    if parse_sampling(rule)[0] == "round-robin":
+        slots = np.concatenate([(np.arange(c) + 0.5) / c for c in counts]) if counts.sum() else np.empty(0)
+        ids = np.repeat(np.arange(len(counts)), counts)
+        return ids[np.lexsort((ids, slots))]
+    return rng.permutation(np.repeat(np.arange(len(counts)), counts))
 
 
 class GlobalBatchSampler:
@@ -37,14 +73,21 @@ class GlobalBatchSampler:
     examples share a window stays random and the no-duplicate rule is unchanged; batches hold texts of
     similar length, so they pad less.  k = 0 or 1 keeps the plain shuffled order.
 
-    Everything is held in flat integer arrays (the text ids are read, never copied into Python objects).
+    Sources (`sources`, the source of each example, and more than one source): each source's examples are
+    batched on their own (the same fill, seeded by (seed, epoch, source)), and the epoch's steps are shared out
+    by `sampling` and `weights` (see steps_per_source) and interleaved (see interleave): every global batch,
+    all processes at the same step, holds one source's examples.  `batch_sources(epoch)` names each step's.
+
+    Empty negative slots (-1) never clash.  Everything is held in flat integer arrays (the text ids are read,
+    never copied into Python objects).
     """
 
     DEFERRED_WINDOW = 4
     BULK_BATCHES = 512  # 0: the candidate-list fill for every batch (same batches, slower)
 
     def __init__(self, text_ids: np.ndarray, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 lengths: np.ndarray | None = None, length_grouping: int = 0):
+                 lengths: np.ndarray | None = None, length_grouping: int = 0, sources: np.ndarray | None = None,
+                 weights=None, sampling: str = "proportional", source_names: list[str] | None = None):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad sampler shape: batch_size={batch_size}, world_size={world_size}, rank={rank}")
         self.text_ids = text_ids if isinstance(text_ids, np.ndarray) else np.asarray(text_ids)
@@ -62,18 +105,89 @@ class GlobalBatchSampler:
                              f"batch of {self.global_batch_size} (batch size {batch_size} x {world_size} "
                              f"processes): lower --batch-size or add data")
         self._cache: tuple[int, np.ndarray] | None = None
+        self._max_text: int | None = None
+        self._schedules: dict[int, np.ndarray] = {}  # epoch -> source of each step (per-source batches only)
+        self._set_sources(sources, weights, sampling, source_names)
+
+    def _set_sources(self, sources, weights, sampling: str, names) -> None:
+        self.sampling = sampling
+        parse_sampling(sampling)
+        sources = None if sources is None else np.asarray(sources)
+        n_sources = 0 if sources is None or not len(sources) else int(sources.max()) + 1
+        self.source_names = list(names) if names else [str(s) for s in range(n_sources)]
+        self.by_source = None if n_sources < 2 else [np.flatnonzero(sources == s) for s in range(n_sources)]
+        self.weights = np.ones(max(n_sources, 1)) if weights is None else np.asarray(weights, dtype=float)
+        if self.by_source is None:
+            return
+        if len(self.weights) != n_sources or not (self.weights > 0).all():
+            raise ValueError(f"source weights {self.weights.tolist()} are invalid: one positive weight per source "
+                             f"({n_sources})")
+        for name, index in zip(self.source_names, self.by_source):
+            if len(index) < self.global_batch_size:
+                raise ValueError(f"source {name} has {len(index)} usable examples, fewer than one global batch of "
+                                 f"{self.global_batch_size}: lower --batch-size, drop it or pass --mix-sources")
 
     def global_batches(self, epoch: int) -> np.ndarray:
         """(steps, global batch size) example indices of an epoch, a pure function of (seed, epoch)."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
-        rng = np.random.default_rng([self.seed, epoch])
-        n, size = len(self.text_ids), self.global_batch_size
-        order = self._order(rng)
+        if self.by_source is None:
+            batches = self._batches(np.random.default_rng([self.seed, epoch]), None)
+        else:
+            batches = self._per_source(epoch)
+        self._cache = (epoch, batches)
+        return batches
+
+    def _per_source(self, epoch: int) -> np.ndarray:
+        """One source per global batch: each source's own batches, cycled or cut to its share, interleaved."""
+        first = [self._batches(np.random.default_rng([self.seed, epoch, 1 + s, 0]), index)
+                 for s, index in enumerate(self.by_source)]
+        counts = steps_per_source(np.array([len(b) for b in first]), self.weights, self.sampling)
+        schedule = interleave(counts, self.sampling, np.random.default_rng([self.seed, epoch, 0]))
+        batches = np.empty((len(schedule), self.global_batch_size), dtype=first[0].dtype)
+        for s, index in enumerate(self.by_source):
+            pool, cycle = [first[s]], 0
+            while sum(map(len, pool)) < counts[s]:  # more steps than batches: the source again, reshuffled
+                cycle += 1
+                pool.append(self._batches(np.random.default_rng([self.seed, epoch, 1 + s, cycle]), index))
+            batches[schedule == s] = np.concatenate(pool)[:counts[s]]
+        self._schedules[epoch] = schedule.astype(np.int16)
+        return batches
+
+    def batch_sources(self, epoch: int) -> np.ndarray | None:
+        """(steps,) the source index of each global batch of the epoch; None when batches mix sources."""
+        if self.by_source is None:
+            return None
+        if epoch not in self._schedules:
+            self.global_batches(epoch)
+        return self._schedules[epoch]
+
+    def steps_by_source(self, epoch: int, step_in_epoch: int) -> dict[str, int] | None:
+        """Steps each source gave from the start of training to (epoch, step_in_epoch); None if mixed."""
+        if self.by_source is None:
+            return None
+        n = len(self.by_source)
+        counts = sum((np.bincount(self.batch_sources(e), minlength=n) for e in range(epoch)), np.zeros(n, np.int64))
+        counts = counts + np.bincount(self.batch_sources(epoch)[:step_in_epoch], minlength=n)
+        return {name: int(c) for name, c in zip(self.source_names, counts)}
+
+    def _batches(self, rng: np.random.Generator, subset: np.ndarray | None) -> np.ndarray:
+        """The duplicate-free global batches of one shuffled pass over `subset` (None: every example)."""
+        batches = self._fill(self._order(rng, subset))
+        if len(batches) == 0:
+            raise ValueError(self._cannot_fill(subset))
+        if self.length_grouping > 1:  # else every window would run short to long
+            batches = batches[rng.permutation(len(batches))]
+        return batches
+
+    def _fill(self, order: np.ndarray) -> np.ndarray:
+        """Global batches taken in `order` (the candidate-list fill described in the class docstring)."""
+        n, size = len(order), self.global_batch_size
         index = order.dtype
-        grouped = self.length_grouping > 1
         rows = np.asarray(self.text_ids)  # a mapped store stays mapped: rows are gathered per candidate list
-        first_seen = np.zeros(int(rows.max()) + 1, dtype=np.int32)  # scratch: text -> first position in a list
+        if self._max_text is None:
+            self._max_text = int(rows.max())
+        first_seen = np.zeros(self._max_text + 2, dtype=np.int32)  # scratch: text -> first position in a list
         batches = np.empty((n // size, size), dtype=index)
         deferred = np.empty(0, dtype=index)
         max_deferred = self.DEFERRED_WINDOW * size
@@ -86,7 +200,7 @@ class GlobalBatchSampler:
                 k = min(run, (n - next_fresh) // size, len(batches) - n_batches)
                 block = order[next_fresh:next_fresh + k * size].reshape(k, size)
                 texts = np.sort(rows[block].reshape(k, -1), axis=1)
-                clash = (texts[:, 1:] == texts[:, :-1]).any(axis=1)
+                clash = ((texts[:, 1:] == texts[:, :-1]) & (texts[:, 1:] != NO_TEXT)).any(axis=1)
                 clean = int(np.argmax(clash)) if clash.any() else k
                 batches[n_batches:n_batches + clean] = block[:clean]
                 n_batches, next_fresh = n_batches + clean, next_fresh + clean * size
@@ -112,30 +226,27 @@ class GlobalBatchSampler:
             passed = cands[:cut][~ok[:cut]]
             deferred = np.concatenate([passed, head[cut:], rest])  # head[cut:] is empty when the cut is past it
             next_fresh += max(0, cut - len(head))
-        batches = batches[:n_batches]
-        if n_batches == 0:
-            raise ValueError(self._cannot_fill())
-        if grouped:  # else every window would run short to long
-            batches = batches[rng.permutation(n_batches)]
-        self._cache = (epoch, batches)
-        return batches
+        return batches[:n_batches]
 
-    def _order(self, rng: np.random.Generator) -> np.ndarray:
-        """The epoch's shuffled example order; with length grouping, stable-sorted by length inside each window of
-        k global batches."""
-        n = len(self.text_ids)
-        index = np.int32 if n < 2**31 else np.int64  # example indices: half the memory below 2^31 examples
+    def _order(self, rng: np.random.Generator, subset: np.ndarray | None = None) -> np.ndarray:
+        """The shuffled example order (of `subset`, or of all examples); with length grouping, stable-sorted by
+        length inside each window of k global batches."""
+        n = len(self.text_ids) if subset is None else len(subset)
+        index = np.int32 if len(self.text_ids) < 2**31 else np.int64  # half the memory below 2^31 examples
         order = rng.permutation(n).astype(index)
+        if subset is not None:
+            order = subset[order].astype(index)
         if self.length_grouping > 1:
             window = self.length_grouping * self.global_batch_size
             order = order[np.lexsort((self.lengths[order], np.arange(n) // window))]
         return order
 
-    def _cannot_fill(self) -> str:
-        texts, counts = np.unique(np.asarray(self.text_ids), return_counts=True)
+    def _cannot_fill(self, subset: np.ndarray | None = None) -> str:
+        rows = np.asarray(self.text_ids) if subset is None else np.asarray(self.text_ids)[subset]
+        texts, counts = np.unique(rows[rows != NO_TEXT], return_counts=True)
         shared = texts[counts > 1]
-        clashing = int(np.isin(np.asarray(self.text_ids), shared).any(axis=1).sum())
-        return (f"the {len(self.text_ids)} training examples cannot fill one global batch of "
+        clashing = int(np.isin(rows, shared).any(axis=1).sum())
+        return (f"the {len(rows)} training examples cannot fill one global batch of "
                 f"{self.global_batch_size} without a text twice (a false negative): {clashing} of them share a "
                 f"text with another example ({len(texts)} distinct texts); lower --batch-size or add varied data")
 
@@ -154,20 +265,72 @@ def example_lengths(token_ids: list[list[int]], text_ids: np.ndarray) -> np.ndar
     return text_lengths[np.asarray(text_ids)].max(axis=1)
 
 
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (wrapping arithmetic): a counter -> a well-mixed random key."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def choose_negatives(rows: np.ndarray, example_indices: np.ndarray, k: int, seed: int, epoch: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(B, 2 + K) text ids (-1: empty slot) -> (B, 2 + k) ids and (B, k) which negative slots are real.
+
+    An example with more than k negatives gets k of them drawn by a key hashed from (seed, epoch, example,
+    slot): a pure function of (seed, epoch), different each epoch.  An example with fewer than k uses what it
+    has: its empty slots hold its positive's text (so every slot embeds something) and are masked out of the
+    loss.  With exactly k negatives everywhere the rows pass through unchanged."""
+    negatives = rows[:, 2:]
+    valid = negatives != NO_TEXT
+    if negatives.shape[1] > k or not valid.all():
+        with np.errstate(over="ignore"):
+            pair = np.array([seed % 2**64, epoch % 2**64], dtype=np.uint64)
+            base = _mix64(pair * np.uint64(0x9E3779B1)).sum(dtype=np.uint64)
+            slot = example_indices.astype(np.uint64)[:, None] * np.uint64(negatives.shape[1]) + np.arange(
+                negatives.shape[1], dtype=np.uint64)
+            keys = _mix64(slot ^ _mix64(base))
+        keys[~valid] = np.iinfo(np.uint64).max  # real negatives first
+        pick = np.argsort(keys, axis=1, kind="stable")[:, :k]
+        negatives, valid = np.take_along_axis(negatives, pick, 1), np.take_along_axis(valid, pick, 1)
+    if negatives.shape[1] < k:
+        pad = k - negatives.shape[1]
+        negatives = np.pad(negatives, ((0, 0), (0, pad)), constant_values=NO_TEXT)
+        valid = np.pad(valid, ((0, 0), (0, pad)))
+    negatives = np.where(valid, negatives, rows[:, 1:2])
+    return np.concatenate([rows[:, :2], negatives], axis=1), valid
+
+
 class Collator:
     """Example indices -> one padded tensor over [anchors; positives; negatives] (padded to the longest).
 
     `token_ids[t]` are the ids of text t: a list of lists, or a store's mapped `TokenTexts` (then the rows
-    are gathered straight from the mapped flat array, no per-text object made)."""
+    are gathered straight from the mapped flat array, no per-text object made).
+    negatives_per_query k (None: every column of text_ids as it stands): each example gets k negatives,
+    chosen per epoch (`for_epoch`, see choose_negatives); with `masked`, the batch also carries
+    "negative_mask" (B, k), False where an example had fewer than k (set it when any example of the data
+    has fewer: every process must then pass a mask, or the gathers would not match)."""
 
-    def __init__(self, token_ids, text_ids: np.ndarray, pad_token_id: int):
+    def __init__(self, token_ids, text_ids: np.ndarray, pad_token_id: int, negatives_per_query: int | None = None,
+                 masked: bool = False, seed: int = 0):
         self.token_ids = token_ids
         self.text_ids = text_ids if isinstance(text_ids, np.ndarray) else np.asarray(text_ids)
         self.pad_token_id = pad_token_id
+        self.k, self.masked, self.seed, self.epoch = negatives_per_query, masked, seed, 0
+
+    def for_epoch(self, epoch: int) -> "Collator":
+        """This collator drawing the negatives of `epoch`."""
+        out = copy.copy(self)
+        out.epoch = epoch
+        return out
 
     def __call__(self, example_indices) -> dict[str, torch.Tensor]:
         example_indices = np.asarray(example_indices, dtype=np.int64)
-        rows = np.asarray(self.text_ids[example_indices]).T.reshape(-1)  # role-major: all anchors, then positives, ...
+        chosen = np.asarray(self.text_ids[example_indices])
+        valid = None
+        if self.k is not None:
+            chosen, valid = choose_negatives(chosen, example_indices, self.k, self.seed, self.epoch)
+        rows = chosen.T.reshape(-1)  # role-major: all anchors, then positives, then 1st negatives ...
         offsets = getattr(self.token_ids, "offsets", None)
         if offsets is not None:
             starts = np.asarray(offsets[rows])
@@ -181,8 +344,11 @@ class Collator:
             mask = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
             input_ids = np.full(mask.shape, self.pad_token_id, dtype=np.int64)
             input_ids[mask] = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs])
-        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64)),
-                "example_indices": torch.from_numpy(example_indices)}
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+                 "example_indices": torch.from_numpy(example_indices)}
+        if self.masked:
+            batch["negative_mask"] = torch.from_numpy(valid)
+        return batch
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -214,7 +380,7 @@ def make_loader(sampler: GlobalBatchSampler, collator: Collator, epoch: int, sta
     """A DataLoader over this process's batches of one epoch (collation can run in worker processes)."""
     return torch.utils.data.DataLoader(
         _Indices(len(sampler.text_ids)), batch_sampler=_Rows(sampler.local_batches(epoch, start_step)),
-        collate_fn=collator, num_workers=num_workers, pin_memory=pin_memory,
+        collate_fn=collator.for_epoch(epoch), num_workers=num_workers, pin_memory=pin_memory,
         # its own generator: creating the iterator must not draw from the global RNG, which drives dropout and
         # is saved/restored on resume (a resumed run creates its loader at a different point in that stream)
         generator=torch.Generator().manual_seed(sampler.seed))

@@ -61,12 +61,14 @@ def identity_changes(saved: dict, now: dict) -> list[str]:
 
 
 def _sources_hash(spec: str) -> str:
-    """sha256 over every comma-separated source: a local file's bytes, a hub name as given."""
+    """sha256 over every comma-separated source: a local file's bytes (a `path*weight` source: path's), a hub name
+    as given."""
     digest = hashlib.sha256()
     for source in (s.strip() for s in spec.split(",") if s.strip()):
         digest.update(source.encode() + b"\0")
-        if os.path.isfile(source):
-            _hash_file(digest, Path(source))
+        path = source if os.path.isfile(source) else source.rsplit("*", 1)[0].strip()
+        if os.path.isfile(path):
+            _hash_file(digest, Path(path))
     return digest.hexdigest()[:16]
 
 

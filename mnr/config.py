@@ -45,8 +45,20 @@ class TrainConfig:
                         "embedded STSb validation and its retrieval sanity set; 'none' disables evaluation")
     output_dir: str = _f("output/mnr", "where the final model, checkpoints and metrics.jsonl are written")
     overwrite_output_dir: bool = _f(False, "allow writing into an output dir that already holds other files")
-    hard_negatives: bool = _f(True, "train on (anchor, positive, hard negative) triplets: NLI contradictions, "
-                              "or a file's negative column; --no-hard-negatives trains on pairs")
+    hard_negatives: bool | None = _f(None, "train with hard negatives: NLI contradictions, or a file's negative "
+                                     "column(s); default auto: from each source that has them, pairs otherwise "
+                                     "(the start-up log says which); --hard-negatives requires them, "
+                                     "--no-hard-negatives trains on pairs")
+    negatives_per_query: str = _f("1", "hard negatives per query: a whole number k >= 1 or 'all' (the most any "
+                                  "example has); drawn per epoch when an example has more, an example with fewer "
+                                  "uses the ones it has (the empty slots are left out of the loss)")
+    source_sampling: str = _f("proportional", "with several --train-data sources, which source each global batch "
+                              "comes from: proportional (to size x weight), round-robin (equal steps x weight) or "
+                              "temperature:T (size x weight, to the power 1/T)")
+    source_weights: str = _f("", "comma-separated weights, one per --train-data source (or a YAML list; or "
+                             "path*weight in --train-data); empty: 1 each")
+    mix_sources: bool = _f(False, "mix the sources inside each batch (the old behaviour) instead of one source "
+                           "per global batch")
     max_seq_length: int = _f(128, "truncate every text to this many tokens (batches are padded to their longest)")
     cache_dir: str = _f("", "token store directory (memory-mapped, built once); empty = $MNR_CACHE or ~/.cache/mnr")
     trust_remote_code: bool = _f(False, "allow model repos that ship their own Python code (off: never run it)")
@@ -145,8 +157,39 @@ class TrainConfig:
         need(not self.matryoshka_weights or (len(_items(self.matryoshka_weights)) == len(_items(self.matryoshka_dims))
              and all(_positive_number(w) for w in _items(self.matryoshka_weights))), "matryoshka_weights",
              f"one positive number per --matryoshka-dims entry ({len(_items(self.matryoshka_dims))})")
+        need(self.negatives_per_query == "all" or (self.negatives_per_query.isdigit()
+             and int(self.negatives_per_query) >= 1), "negatives_per_query", "a whole number >= 1 or 'all'")
+        parse_sampling(self.source_sampling)
+        self._check_weights(need)
         if self.resume and self.resume != "auto":
             need(Path(self.resume).is_dir(), "resume", "'auto' or an existing checkpoint directory")
+
+    def _check_weights(self, need) -> None:
+        specs = _items(self.train_data)
+        suffixed = [s.rsplit("*", 1)[1].strip() for s in specs if "*" in s]
+        bad = [w for w in suffixed if not _positive_number(w)]
+        need(not bad, "train_data", f"the weight {bad[0] if bad else ''!r} after '*' is not a positive number")
+        need(all(_positive_number(w) for w in _items(self.source_weights)), "source_weights",
+             "comma-separated positive numbers")
+        need(not (suffixed and self.source_weights), "source_weights", "give weights either here or as path*weight "
+             "in --train-data, not both")
+        need(not self.source_weights or len(_items(self.source_weights)) == len(specs), "source_weights",
+             f"one weight per --train-data source ({len(specs)})")
+
+    @property
+    def weights(self) -> list[float] | None:
+        """Per-source weights (--source-weights or path*weight; missing ones 1), or None when none was given."""
+        specs = _items(self.train_data)
+        if self.source_weights:
+            return [float(w) for w in _items(self.source_weights)]
+        if any("*" in s for s in specs):
+            return [float(s.rsplit("*", 1)[1]) if "*" in s else 1.0 for s in specs]
+        return None
+
+    @property
+    def k_negatives(self) -> int | None:
+        """--negatives-per-query as a number; None for 'all'."""
+        return None if self.negatives_per_query == "all" else int(self.negatives_per_query)
 
     @property
     def dims(self) -> tuple[int, ...]:
@@ -157,17 +200,23 @@ class TrainConfig:
     def dim_weights(self) -> tuple[float, ...]:
         return tuple(float(w) for w in _items(self.matryoshka_weights)) or (1.0,) * len(self.dims)
 
-    @property
-    def n_roles(self) -> int:
-        """Texts per example: anchor, positive[, negative]."""
-        return 3 if self.hard_negatives else 2
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def _items(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_sampling(rule: str) -> tuple[str, float]:
+    """'proportional' | 'round-robin' | 'temperature:T' (T > 0) -> (kind, T); anything else a ConfigError naming it."""
+    kind, _, value = rule.partition(":")
+    if kind in ("proportional", "round-robin") and not value:
+        return kind, 1.0
+    if kind == "temperature" and _positive_number(value):
+        return kind, float(value)
+    raise ConfigError(f"source_sampling={rule!r} is invalid: allowed: proportional, round-robin, temperature:T "
+                      f"(T a positive number, e.g. temperature:2)")
 
 
 def _positive_number(text: str) -> bool:
@@ -186,7 +235,8 @@ FIELD_NAMES = set(FIELD_TYPES)
 
 # --help shows the flags in these groups, in this order (a test checks every field is in exactly one).
 HELP_GROUPS = {
-    "data": ["train_data", "hard_negatives", "max_seq_length", "cache_dir"],
+    "data": ["train_data", "hard_negatives", "negatives_per_query", "source_sampling", "source_weights", "mix_sources",
+             "max_seq_length", "cache_dir"],
     "model": ["model", "trust_remote_code", "pooling", "query_prompt", "document_prompt"],
     "optimisation": ["batch_size", "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
                      "scale", "symmetric", "matryoshka_dims", "matryoshka_weights", "mini_batch_size", "length_buckets", "length_grouping", "seed",
@@ -289,6 +339,10 @@ def _from_yaml(kind: type, value: Any) -> Any:
             return kind(value)
         except ValueError:
             return value  # left for the validation to name
+    if kind is str and isinstance(value, list):  # e.g. source_weights: [2, 1]
+        return ",".join(map(str, value))
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):  # negatives_per_query: 3
+        return str(value)
     return value
 
 

@@ -5,7 +5,12 @@ Two schemas are understood:
   * NLI: premise, hypothesis, label.  Entailment (label 0 or "entailment") becomes a pair; every other
     label (neutral, contradiction, -1, "-") is dropped, except that with hard negatives the
     contradictions of the same premise become the negatives (rule in `nli_examples`).
-  * pairs / triplets: anchor, positive[, negative].
+  * pairs / triplets: anchor, positive[, negative | negative_1 ... negative_k | negatives (a list, in
+    JSON/JSONL/Parquet)].
+An example is a row of text ids: anchor, positive, then its negatives, padded with -1 (NO_TEXT) to the
+widest example of the store; `iter_examples` also says which source (0, 1, ...) each chunk came from.
+Hard negatives: True reads them from every source (a source without any is an error), False never,
+None ("auto") from every source that has them.
 Bad rows (empty or missing text, unknown label, anchor equal to positive) are skipped and counted in
 `DataStats`, which the trainer logs.  TSV is read without quote processing: sentences may contain `"`.
 Every source is read as a stream (`iter_examples` yields chunks of text ids; `mnr.store` turns them into the
@@ -38,6 +43,8 @@ ENTAILMENT, NEUTRAL, CONTRADICTION = "entailment", "neutral", "contradiction"
 LABELS = {0: ENTAILMENT, 1: NEUTRAL, 2: CONTRADICTION, "0": ENTAILMENT, "1": NEUTRAL, "2": CONTRADICTION,
           ENTAILMENT: ENTAILMENT, NEUTRAL: NEUTRAL, CONTRADICTION: CONTRADICTION}
 NO_GOLD_LABELS = {-1, "-1", "-", ""}  # SNLI/MNLI pairs without annotator agreement: dropped like other non-entailments
+NO_TEXT = -1  # an empty negative slot of an example with fewer negatives than the widest one
+MAX_NLI_NEGATIVES = 16  # contradictions kept per premise (the rest are counted, not used)
 
 
 class DataError(ValueError):
@@ -63,11 +70,13 @@ class DataStats:
 
 @dataclass
 class Examples:
-    """Training examples as parallel text columns; `negatives` is None for pairs."""
+    """Training examples as parallel text columns; `negatives` (each example's first negative) is None for
+    pairs; `all_negatives` holds every negative of each example."""
 
     anchors: list[str]
     positives: list[str]
     negatives: list[str] | None = None
+    all_negatives: list[list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.anchors)
@@ -252,9 +261,27 @@ def read_source(spec: str) -> tuple[list[str], Iterator[dict]]:
 
 
 def split_specs(specs: str | list[str]) -> list[str]:
+    """The sources of a comma-separated spec, without their `*weight` suffixes."""
+    return [spec for spec, _ in weighted_specs(specs)]
+
+
+def weighted_specs(specs: str | list[str]) -> list[tuple[str, float | None]]:
+    """'a.tsv*2,b.tsv' -> [('a.tsv', 2.0), ('b.tsv', None)]; a bad weight is a DataError naming it."""
     if isinstance(specs, str):
         specs = specs.split(",")
-    return [s.strip() for s in specs if s.strip()]
+    out = []
+    for spec in (s.strip() for s in specs if s.strip()):
+        weight = None
+        if "*" in spec:
+            spec, text = (part.strip() for part in spec.rsplit("*", 1))
+            try:
+                weight = float(text)
+            except ValueError:
+                weight = float("nan")
+            if not 0 < weight < float("inf"):
+                raise DataError(f"{spec}*{text}: the weight {text!r} is not a positive number")
+        out.append((spec, weight))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,9 +302,29 @@ def detect_schema(source: str, columns: Iterable[str]) -> str:
     if set(NLI_COLUMNS) <= cols:
         return "nli"
     if set(PAIR_COLUMNS) <= cols:
-        return "triplet" if "negative" in cols else "pair"
+        return "triplet" if negative_columns(columns) else "pair"
     raise DataError(f"{source}: columns found: {', '.join(map(str, columns)) or '(none)'}; expected "
-                    f"{', '.join(NLI_COLUMNS)} (NLI) or {', '.join(PAIR_COLUMNS)}[, negative] (pairs/triplets)")
+                    f"{', '.join(NLI_COLUMNS)} (NLI) or {', '.join(PAIR_COLUMNS)}[, negative | negative_1 ... "
+                    f"negative_k | negatives] (pairs/triplets)")
+
+
+def negative_columns(columns: Iterable[str]) -> list[str]:
+    """The negative columns of a pair file, in order: negative, negative_1, negative_2, ..., negatives (a list)."""
+    numbered = sorted((int(c.rsplit("_", 1)[1]), c) for c in columns
+                      if isinstance(c, str) and c.startswith("negative_") and c.rsplit("_", 1)[1].isdigit())
+    return ([c for c in ("negative",) if c in columns] + [c for _, c in numbered]
+            + [c for c in ("negatives",) if c in columns])
+
+
+def _row_negatives(row: dict, columns: list[str]) -> list[str | None]:
+    """A row's negative texts (None for an empty one); a `negatives` list column gives one per item."""
+    out: list[str | None] = []
+    for c in columns:
+        value = row.get(c)
+        if c == "negatives" and isinstance(value, str):  # a TSV/CSV cell: one text
+            value = [value]
+        out.extend(_text(v) for v in value) if isinstance(value, (list, tuple)) else out.append(_text(value))
+    return out
 
 
 CHUNK_ROWS = 50_000
@@ -308,11 +355,13 @@ def _nli_row(row: dict, stats: DataStats) -> tuple[str, str, str] | None:
 
 def nli_examples(rows: Iterable[dict], hard_negatives: bool, stats: DataStats, intern: Callable[[str, int], int]
                  ) -> Iterator[np.ndarray]:
-    """Entailment pairs; with hard_negatives, (premise, entailment, contradiction) triplets, as text ids.
+    """Entailment pairs; with hard_negatives, (premise, entailment, contradictions ...) rows, as text ids.
 
-    Triplet rule: hypotheses are grouped by premise; the i-th entailment of a premise takes the
-    (i mod k)-th of its k contradictions.  An entailment whose premise has no contradiction is
-    dropped (counted as "no contradiction for premise"), so every triplet has a real hard negative.
+    Negatives rule: hypotheses are grouped by premise; every entailment of a premise gets all of its
+    m distinct contradictions (at most MAX_NLI_NEGATIVES), the i-th entailment's list starting at the
+    (i mod m)-th (so one negative per query is the (i mod m)-th contradiction).  An entailment whose premise
+    has no contradiction is dropped (counted as "no contradiction for premise"), so every row has a real
+    hard negative.
     Premises come in the order of their first entailment, each premise's entailments in row order.
     The grouping keeps text ids in flat integer arrays, never the strings.
     """
@@ -347,62 +396,96 @@ def nli_examples(rows: Iterable[dict], hard_negatives: bool, stats: DataStats, i
     if not hard_negatives:
         yield np.stack([ent_p, ent_h], axis=1)
         return
-    by_premise = np.argsort(con_p, kind="stable")  # each premise's contradictions in row order
-    con_p, con_h = con_p[by_premise], con_h[by_premise]
+    yield _nli_negatives(ent_p, ent_h, con_p, con_h, stats)
+
+
+def _nli_negatives(ent_p: np.ndarray, ent_h: np.ndarray, con_p: np.ndarray, con_h: np.ndarray, stats: DataStats
+                   ) -> np.ndarray:
+    """(premise, entailment, its premise's distinct contradictions ...) rows, -1 padded; the i-th entailment's
+    negatives start at the (i mod m)-th of its premise's m contradictions (so the first negative column is
+    the one-negative rule)."""
+    pairs = np.unique(np.stack([con_p, con_h], axis=1), axis=0) if len(con_p) else np.empty((0, 2), np.int64)
+    con_p, con_h = pairs[:, 0], pairs[:, 1]  # each premise's distinct contradictions, grouped by premise
     lo, hi = np.searchsorted(con_p, ent_p, "left"), np.searchsorted(con_p, ent_p, "right")
-    k = hi - lo
+    m = hi - lo
     starts = np.r_[0, np.flatnonzero(ent_p[1:] != ent_p[:-1]) + 1]  # ent_p is grouped by premise
     i = np.arange(len(ent_p)) - np.repeat(starts, np.diff(np.r_[starts, len(ent_p)]))  # i-th entailment of its premise
-    has = k > 0
+    has = m > 0
     stats.skip("no contradiction for premise", int((~has).sum()))
-    neg = con_h[lo[has] + i[has] % k[has]]
-    yield np.stack([ent_p[has], ent_h[has], neg], axis=1)
+    ent_p, ent_h, lo, m, i = ent_p[has], ent_h[has], lo[has], m[has], i[has]
+    stats.skip(f"contradiction beyond {MAX_NLI_NEGATIVES} per premise (not used)",
+               int(np.maximum(m - MAX_NLI_NEGATIVES, 0).sum()))
+    width = int(min(m.max(), MAX_NLI_NEGATIVES)) if len(m) else 1
+    j = np.arange(width)
+    neg = np.where(j < m[:, None], con_h[np.minimum(lo[:, None] + (i[:, None] + j) % np.maximum(m, 1)[:, None],
+                                                    len(con_h) - 1)] if len(con_h) else NO_TEXT, NO_TEXT)
+    return np.concatenate([ent_p[:, None], ent_h[:, None], neg], axis=1)
 
 
-def pair_examples(source: str, rows: Iterable[dict], hard_negatives: bool, has_negative: bool, stats: DataStats,
+def pair_examples(source: str, rows: Iterable[dict], hard_negatives: bool, negatives: list[str], stats: DataStats,
                   intern: Callable[[str, int], int]) -> Iterator[np.ndarray]:
-    if hard_negatives and not has_negative:
-        raise DataError(f"{source}: --hard-negatives needs a 'negative' column (or NLI premise/hypothesis/label "
-                        f"rows); pass --no-hard-negatives to train on its anchor/positive pairs")
-    roles = ("anchor", "positive", "negative") if hard_negatives else ("anchor", "positive")
-    chunk = array("q")
+    """(anchor, positive, negatives ...) text id rows, -1 padded to the chunk's widest row.  A row whose
+    negative cells are all empty is skipped (counted) when the source has negative columns."""
+    if hard_negatives and not negatives:
+        raise DataError(f"{source}: --hard-negatives needs a 'negative' column (or negative_1 ... negative_k, or "
+                        f"NLI premise/hypothesis/label rows); pass --no-hard-negatives (or leave the choice to "
+                        f"the default, auto) to train on its anchor/positive pairs")
+    chunk: list[list[int]] = []
     for row in rows:
         stats.rows += 1
         if row.get(MALFORMED):
             stats.skip("malformed row (more fields than the header)")
             continue
-        texts = [_text(row.get(role)) for role in roles]
-        if None in texts:
+        texts = [_text(row.get(role)) for role in PAIR_COLUMNS]
+        found = [t for t in _row_negatives(row, negatives) if t is not None]
+        if None in texts or (negatives and not found):
             stats.skip("empty or missing text")
             continue
-        chunk.extend(intern(text, QUERY if i == 0 else DOCUMENT) for i, text in enumerate(texts))
-        if len(chunk) >= CHUNK_ROWS * len(roles):
-            yield _ids(chunk).reshape(-1, len(roles)).copy()
-            chunk = array("q")
+        chunk.append([intern(t, QUERY if i == 0 else DOCUMENT) for i, t in enumerate(texts + found)])
+        if len(chunk) >= CHUNK_ROWS:
+            yield _padded(chunk)
+            chunk = []
     if chunk:
-        yield _ids(chunk).reshape(-1, len(roles)).copy()
+        yield _padded(chunk)
 
 
-def iter_examples(specs: str | list[str], hard_negatives: bool, stats: DataStats, intern: Callable[[str, int], int]
-                  ) -> Iterator[np.ndarray]:
-    """Every source read as a stream: chunks of (rows, roles) text ids, with counted skips in `stats`.
+def _padded(rows: list[list[int]]) -> np.ndarray:
+    width = max(map(len, rows))
+    out = np.full((len(rows), width), NO_TEXT, dtype=np.int64)
+    for r, ids in enumerate(rows):
+        out[r, :len(ids)] = ids
+    return out
+
+
+def _repeats_a_text(ids: np.ndarray) -> np.ndarray:
+    """(rows,) whether an example holds one text twice (empty slots aside)."""
+    bad = np.zeros(len(ids), dtype=bool)
+    for a in range(ids.shape[1]):
+        for b in range(a + 1, ids.shape[1]):
+            bad |= (ids[:, a] == ids[:, b]) & (ids[:, a] != NO_TEXT)
+    return bad
+
+
+def iter_examples(specs: str | list[str], hard_negatives: bool | None, stats: DataStats,
+                  intern: Callable[[str, int], int]) -> Iterator[tuple[int, np.ndarray]]:
+    """Every source read as a stream: (source index, (rows, 2 + negatives) text ids) chunks, with counted skips
+    in `stats`.  hard_negatives None (auto): negatives from each source that has them.
 
     An example with the same text twice (anchor equal to positive, ...) is skipped and counted."""
-    for spec in split_specs(specs):
+    for source, spec in enumerate(split_specs(specs)):
         columns, rows = read_source(spec)
         schema = detect_schema(spec, columns)
-        chunks = (nli_examples(rows, hard_negatives, stats, intern) if schema == "nli"
-                  else pair_examples(spec, rows, hard_negatives, schema == "triplet", stats, intern))
+        negatives = negative_columns(columns) if hard_negatives is not False else []
+        chunks = (nli_examples(rows, hard_negatives is not False, stats, intern) if schema == "nli"
+                  else pair_examples(spec, rows, bool(hard_negatives), negatives, stats, intern))
         for ids in chunks:
-            ok = ids[:, 0] != ids[:, 1]
-            if ids.shape[1] == 3:
-                ok &= (ids[:, 2] != ids[:, 0]) & (ids[:, 2] != ids[:, 1])
-            if not ok.all():
-                stats.skip("same text twice in one example", int((~ok).sum()))
-                ids = ids[ok]
+            bad = _repeats_a_text(ids)
+            if bad.any():
+                stats.skip("same text twice in one example", int(bad.sum()))
+                ids = ids[~bad]
             stats.examples += len(ids)
             if len(ids):
-                yield ids
+                yield source, ids
 
 
 def no_examples_error(specs: str | list[str], stats: DataStats) -> DataError:
@@ -413,12 +496,23 @@ def load_examples(specs: str | list[str], hard_negatives: bool) -> tuple[Example
     """All examples as Python strings (small data, tests and benchmarks; training reads `mnr.store`)."""
     stats = DataStats()
     index: dict[str, int] = {}
-    chunks = list(iter_examples(specs, hard_negatives, stats, lambda t, role: index.setdefault(t, len(index))))
+    chunks = [ids for _, ids in iter_examples(specs, hard_negatives, stats, lambda t, role: index.setdefault(t, len(index)))]
     if stats.examples == 0:
         raise no_examples_error(specs, stats)
     texts = list(index)
-    ids = np.concatenate(chunks)
-    return Examples(*[[texts[t] for t in col] for col in ids.T.tolist()]), stats
+    ids = pad_rows(chunks)
+    anchors, positives = ([texts[t] for t in col] for col in ids[:, :2].T.tolist())
+    if ids.shape[1] == 2:
+        return Examples(anchors, positives), stats
+    negatives = [[texts[t] for t in row if t != NO_TEXT] for row in ids[:, 2:].tolist()]
+    return Examples(anchors, positives, [n[0] if n else "" for n in negatives], negatives), stats
+
+
+def pad_rows(chunks: list[np.ndarray], dtype=np.int64) -> np.ndarray:
+    """Chunks of example rows of different widths -> one (rows, widest) array, -1 padded."""
+    width = max(c.shape[1] for c in chunks)
+    return np.concatenate([np.pad(c.astype(dtype, copy=False), ((0, 0), (0, width - c.shape[1])),
+                                  constant_values=NO_TEXT) for c in chunks])
 
 
 def default_cache_dir() -> str:

@@ -3,7 +3,9 @@
 Layout of one store (a directory `store-<fingerprint>` in the cache dir):
   tokens.bin    int32   token ids of all distinct texts, concatenated
   offsets.bin   int64   (n_texts + 1,) text t is tokens[offsets[t]:offsets[t+1]]
-  examples.npy  int32   (n_examples, n_roles) text id of each example's anchor, positive[, negative]
+  examples.npy  int32   (n_examples, 2 + K) text id of each example's anchor, positive and negatives, -1 where
+                        an example has fewer than K (the widest example's) negatives
+  sources.npy   int16   (n_examples,) which source (index into manifest["sources"]) each example comes from
   lengths.npy   int32   (n_examples,) token length of each example's longest text (what its batch pads to)
   manifest.json         counts, file sizes, data stats and what the fingerprint was made of
 
@@ -12,8 +14,8 @@ Invariants:
     into a temporary directory renamed into place only when complete: a crash or Ctrl-C mid-build leaves
     nothing that a later run trusts.  A store whose manifest or file sizes do not match is rebuilt.
   * The fingerprint covers the sources (path, size and mtime of local files; `datasets`' fingerprint of hub
-    splits), the hard-negatives flag, the tokenizer (class, vocabulary, lower-casing), max_seq_length and the
-    query/document prompts.
+    splits; their order, not their `*weight`), the hard-negatives mode (on, off, auto), the tokenizer (class,
+    vocabulary, lower-casing), max_seq_length and the query/document prompts.
   * Every process maps the files read-only: N processes on a node share one copy in the page cache, and no
     per-text Python object is held while training.
   * Prompts: a query (anchor) is stored as query_prompt + text, a document (positive, negative) as
@@ -40,14 +42,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mnr.data import (DOCUMENT, QUERY, DataError, DataStats, default_cache_dir, is_local, iter_examples, load_hub,
-                      no_examples_error, split_specs)
+from mnr.data import (DOCUMENT, NO_TEXT, QUERY, DataError, DataStats, default_cache_dir, is_local, iter_examples,
+                      load_hub, no_examples_error, pad_rows, split_specs)
 
 logger = logging.getLogger(__name__)
 
-STORE_VERSION = 1
+STORE_VERSION = 3  # 2: k negatives per example (-1 padded) and sources.npy; 3: bare_text.npy
 TOKENISE_CHUNK = 20_000  # texts per tokenizer call: big enough for its thread pool, small enough to overlap reading
-FILES = ("tokens.bin", "offsets.bin", "examples.npy", "lengths.npy")
+FILES = ("tokens.bin", "offsets.bin", "examples.npy", "sources.npy", "lengths.npy", "bare_text.npy")
 
 
 class TokenTexts:
@@ -74,7 +76,8 @@ def _map_texts(path: Path) -> TokenTexts:
 
 
 class TokenStore:
-    """An opened store: `text_ids` (n_examples, n_roles), `lengths` (n_examples,), `token_ids[t]`, `stats`."""
+    """An opened store: `text_ids` (n_examples, 2 + max_negatives), `sources` and `lengths` (n_examples,),
+    `token_ids[t]`, `stats`, `source_names` and `negatives_per_example` ((n_examples,) how many it has)."""
 
     def __init__(self, path: Path, manifest: dict):
         self.path = Path(path)
@@ -85,6 +88,9 @@ class TokenStore:
         self.token_ids = TokenTexts(tokens, offsets, self.path)
         self.text_ids = np.load(self.path / "examples.npy", mmap_mode="r")
         self.lengths = np.load(self.path / "lengths.npy", mmap_mode="r")
+        self.sources = np.load(self.path / "sources.npy", mmap_mode="r")
+        self.bare_text = np.load(self.path / "bare_text.npy", mmap_mode="r")
+        self.source_names: list[str] = manifest["sources"]
         stats = manifest["stats"]
         self.stats = DataStats(rows=stats["rows"], examples=stats["examples"])
         self.stats.skipped.update(stats["skipped"])
@@ -99,6 +105,22 @@ class TokenStore:
     @property
     def n_texts(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def max_negatives(self) -> int:
+        return self.n_roles - 2
+
+    def same_text_ids(self) -> np.ndarray:
+        """`text_ids` with every text named by the id of its bare text (no prompt): what the sampler's "no text
+        twice in a global batch" rule compares, so a text that is one example's query and another's document
+        (two ids when the prompts differ) is still never in one batch twice.  `text_ids` itself without prompts."""
+        if not self.manifest.get("prompted"):
+            return self.text_ids
+        ids = np.asarray(self.text_ids)
+        return np.where(ids == NO_TEXT, NO_TEXT, np.asarray(self.bare_text)[np.maximum(ids, 0)])
+
+    def negatives_per_example(self) -> np.ndarray:
+        return (np.asarray(self.text_ids[:, 2:]) != NO_TEXT).sum(axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +147,7 @@ def source_identity(spec: str) -> dict:
     return {"hub": spec, "fingerprint": getattr(load_hub(spec), "_fingerprint", None)}
 
 
-def store_fingerprint(specs: list[str], hard_negatives: bool, tokenizer, max_seq_length: int,
+def store_fingerprint(specs: list[str], hard_negatives: bool | None, tokenizer, max_seq_length: int,
                       prompts: tuple[str, str] = ("", "")) -> tuple[str, dict]:
     """(fingerprint, what it was made of); `prompts` = (query prompt, document prompt)."""
     what = {"version": STORE_VERSION, "sources": [source_identity(s) for s in specs],
@@ -180,7 +202,7 @@ class _TextTable:
         # Different prompts: a text as query and as document get two ids; the id of the bare text of each
         # (raw_of[text id]) still finds an example with the same text twice (see `drop_same_text`).
         self.raw: dict[int, int] | None = {} if prompts[0] != prompts[1] else None
-        self.raw_of = array("q")
+        self.raw_of = array("q") if self.raw is not None else None
         self.pending: list[str] = []
         self.text_lengths = array("q")
         self.n_tokens = 0
@@ -225,12 +247,20 @@ class _TextTable:
         self.raw = None
         return np.frombuffer(self.text_lengths, dtype=np.int64) if self.text_lengths else np.empty(0, np.int64)
 
+    def bare_text(self, n_texts: int) -> np.ndarray:
+        """(n_texts,) int32: the id of each text's bare text (itself, without prompts)."""
+        if self.raw_of is None:
+            return np.arange(n_texts, dtype=np.int32)
+        return np.frombuffer(self.raw_of, dtype=np.int64).astype(np.int32)
+
     def drop_same_text(self, ids: np.ndarray, stats: DataStats) -> np.ndarray:
         """The examples of `ids` without one text twice (a query equal to its positive or negative, which the
         prompts gave different ids), the rest counted as skipped."""
-        if self.raw is None:
+        if self.raw_of is None:
             return ids
-        raw = np.sort(np.frombuffer(self.raw_of, dtype=np.int64)[ids], axis=1)
+        raw = np.frombuffer(self.raw_of, dtype=np.int64)[ids]
+        empty = ids == NO_TEXT  # empty negative slots: distinct values below every id, never "the same text"
+        raw = np.sort(np.where(empty, -1 - np.arange(ids.shape[1]), raw), axis=1)
         ok = (raw[:, 1:] != raw[:, :-1]).all(axis=1)
         if ok.all():
             return ids
@@ -285,7 +315,7 @@ def _tokenizer_threads():
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
-def build_store(specs: list[str], tokenizer, max_seq_length: int, hard_negatives: bool, final: Path,
+def build_store(specs: list[str], tokenizer, max_seq_length: int, hard_negatives: bool | None, final: Path,
                 fingerprint: str, what: dict, prompts: tuple[str, str] = ("", "")) -> None:
     """Read, dedupe, tokenise and write a store into a temporary directory, then rename it to `final`."""
     tmp = final.parent / f"{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -295,21 +325,28 @@ def build_store(specs: list[str], tokenizer, max_seq_length: int, hard_negatives
         table = _TextTable(tokenizer, max_seq_length, tmp, prompts)
         stats = DataStats()
         with _tokenizer_threads():
-            chunks = [table.drop_same_text(ids, stats).astype(np.int32)
-                      for ids in iter_examples(specs, hard_negatives, stats, table.intern)]
+            chunks, sources = [], []
+            for source, ids in iter_examples(specs, hard_negatives, stats, table.intern):
+                ids = table.drop_same_text(ids, stats)
+                chunks.append(ids.astype(np.int32))
+                sources.append(np.full(len(ids), source, dtype=np.int16))
             text_lengths = table.finish()
         if stats.examples == 0:
             raise no_examples_error(specs, stats)
         if len(text_lengths) >= 2**31:
             raise DataError(f"{len(text_lengths)} distinct texts: more than a 32-bit text id can name")
-        examples = np.concatenate(chunks)
+        examples = pad_rows(chunks, np.int32)
         del chunks
         offsets = np.zeros(len(text_lengths) + 1, dtype=np.int64)
         np.cumsum(text_lengths, out=offsets[1:])
         offsets.tofile(tmp / "offsets.bin")
         np.save(tmp / "examples.npy", examples)
-        np.save(tmp / "lengths.npy", text_lengths[examples].max(axis=1).astype(np.int32))
+        np.save(tmp / "sources.npy", np.concatenate(sources))
+        np.save(tmp / "bare_text.npy", table.bare_text(len(text_lengths)))
+        lengths = np.where(examples == NO_TEXT, 0, np.append(text_lengths, 0)[examples]).max(axis=1)
+        np.save(tmp / "lengths.npy", lengths.astype(np.int32))
         manifest = {"fingerprint": fingerprint, "version": STORE_VERSION, "n_examples": len(examples),
+                    "sources": specs, "prompted": table.raw_of is not None,
                     "n_roles": examples.shape[1], "n_texts": len(text_lengths), "n_tokens": int(offsets[-1]),
                     "sizes": {name: (tmp / name).stat().st_size for name in FILES},
                     "stats": {"rows": stats.rows, "examples": stats.examples, "skipped": dict(stats.skipped)},
@@ -329,7 +366,7 @@ def build_store(specs: list[str], tokenizer, max_seq_length: int, hard_negatives
         raise
 
 
-def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, hard_negatives: bool,
+def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, hard_negatives: bool | None,
                         cache_dir: str = "", prompts: tuple[str, str] = ("", "")) -> TokenStore:
     """The token store of these sources, built if missing or damaged, then memory-mapped; `prompts` =
     (query prompt, document prompt), put before the anchors and before the positives and negatives.

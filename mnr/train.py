@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mnr import distributed
@@ -23,7 +24,7 @@ from mnr.batching import Collator, GlobalBatchSampler, make_loader
 from mnr.checkpoint import (CheckpointError, TrainState, load_checkpoint, newest_intact_checkpoint, read_state,
                             run_identity, save_checkpoint)
 from mnr.config import EMBEDDED_EVAL, EMBEDDED_TRAIN, TrainConfig
-from mnr.data import DataError
+from mnr.data import DataError, split_specs
 from mnr.evaluate import Evaluator, build_evaluators, metric_choices
 from mnr.gradcache import cached_loss_and_backward
 from mnr.launch import LaunchError, make_accelerator
@@ -67,6 +68,7 @@ class Trainer:
     examples: int
     data_stats: str  # what happened to every row read (kept / skipped, by reason)
     gather: bool  # score against the candidates of every process
+    k: int = 0  # hard negatives per query (0: pairs)
     stop: StopRequest = field(default_factory=StopRequest)
     progress: Progress | None = None
     window: LogWindow = field(default_factory=LogWindow)  # the steps since the last log line
@@ -84,7 +86,12 @@ class Trainer:
 
     @property
     def negatives_per_anchor(self) -> int:
-        return (self.global_batch if self.gather else self.cfg.batch_size) * (self.cfg.n_roles - 1) - 1
+        return (self.global_batch if self.gather else self.cfg.batch_size) * (self.n_roles - 1) - 1
+
+    @property
+    def n_roles(self) -> int:
+        """Texts per example: anchor, positive and k negatives."""
+        return 2 + self.k
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,9 +186,12 @@ def train_step(t: Trainer, batch: dict) -> torch.Tensor:
     input_ids = batch["input_ids"].to(t.accelerator.device, non_blocking=True)
     attention_mask = batch["attention_mask"].to(t.accelerator.device, non_blocking=True)
 
+    mask = batch.get("negative_mask")
+    mask = None if mask is None else mask.to(t.accelerator.device)
+
     def loss_from_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
-        roles = split_roles(embeddings, t.cfg.n_roles)
-        return mnr_loss(roles[0], roles[1], roles[2] if t.cfg.n_roles == 3 else None, scale=t.cfg.scale,
+        roles = split_roles(embeddings, t.n_roles)
+        return mnr_loss(roles[0], roles[1], roles[2:] or None, negative_mask=mask, scale=t.cfg.scale,
                         symmetric=t.cfg.symmetric, gather=distributed.all_gather_with_grad if t.gather else _same,
                         rank=distributed.rank() if t.gather else 0, dims=t.cfg.dims, dim_weights=t.cfg.dim_weights)
 
@@ -205,6 +215,7 @@ def finish(t: Trainer) -> dict:
     distributed.run_on_main(lambda: export(t, t.out, after))
     st = t.state
     t.summary.update(metrics_after=after, steps=st.global_step, skipped_steps=st.skipped_steps,
+                     steps_per_source=t.sampler.steps_by_source(st.epoch, st.step_in_epoch),
                      best_metric=t.best_metric, best_score=st.best_score)
     t.accelerator.print(f"model saved to {t.out} ({st.global_step} steps)")
     return t.summary
@@ -230,6 +241,7 @@ def setup(cfg: TrainConfig) -> Trainer:
     encoder, tokenizer = _setup_model(cfg, model_path)
     prompts = (encoder.pipeline.query_prompt, encoder.pipeline.document_prompt)
     sampler, collator, examples, data_stats = _setup_data(cfg, train_spec, tokenizer, accelerator, prompts)
+    k = collator.k or 0
     evaluators, best_metric = _setup_evaluators(cfg)
     # an epoch without a single duplicate-free global batch is the sampler's error (it never yields zero steps)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else sum(sampler.steps_in_epoch(e) for e in range(cfg.epochs))
@@ -247,7 +259,7 @@ def setup(cfg: TrainConfig) -> Trainer:
                 scheduler=scheduler, sampler=sampler, collator=collator, evaluators=evaluators,
                 best_metric=best_metric,
                 metrics=MetricsLog(accelerator, out / "metrics.jsonl"), state=TrainState(run_identity=identity),
-                out=out, total_steps=total_steps, examples=examples, data_stats=data_stats,
+                out=out, total_steps=total_steps, examples=examples, data_stats=data_stats, k=k,
                 gather=cfg.gather_negatives if cfg.gather_negatives is not None else world > 1)
     if resume_from is not None:
         t.state = _resume(t, *resume_from)
@@ -284,12 +296,55 @@ def _setup_data(cfg: TrainConfig, train_spec: str, tokenizer, accelerator, promp
     """Sources -> the memory-mapped token store (built once per filesystem) -> this process's sampler, collator."""
     # The main process builds the store first (a failure stops every process with its message); the others then
     # map it (under a file lock, so one process per filesystem builds on nodes without a shared disk).
-    data = distributed.main_first(lambda: prepare_train_store(train_spec, tokenizer, cfg.max_seq_length,
+    data = distributed.main_first(lambda: prepare_train_store(split_specs(train_spec), tokenizer, cfg.max_seq_length,
                                                               cfg.hard_negatives, cfg.cache_dir, prompts))
     logger.info("train data %s: %s", train_spec, data.stats.summary())
-    sampler = GlobalBatchSampler(data.text_ids, cfg.batch_size, accelerator.num_processes, distributed.rank(),
-                                 cfg.seed, data.lengths, cfg.length_grouping)
-    return sampler, Collator(data.token_ids, data.text_ids, tokenizer.pad_token_id), len(data), data.stats.summary()
+    k, masked, line = negatives_plan(cfg, data.max_negatives, data.negatives_per_example(), data.sources,
+                                     data.source_names)
+    logger.info("%s", line)
+    per_source = not cfg.mix_sources and len(data.source_names) > 1
+    sampler = GlobalBatchSampler(data.same_text_ids(), cfg.batch_size, accelerator.num_processes, distributed.rank(),
+                                 cfg.seed, data.lengths, cfg.length_grouping, data.sources if per_source else None,
+                                 cfg.weights, cfg.source_sampling, data.source_names)
+    if len(data.source_names) > 1:
+        logger.info("%s", sources_line(cfg, sampler, data.sources, data.source_names))
+    collator = Collator(data.token_ids, data.text_ids, tokenizer.pad_token_id, k, masked, cfg.seed)
+    return sampler, collator, len(data), data.stats.summary()
+
+
+def negatives_plan(cfg: TrainConfig, widest: int, per_example, sources, names: list[str]) -> tuple[int, bool, str]:
+    """(k, whether some example has fewer than k, the start-up log line) from what the store holds."""
+    mode = {None: "auto", True: "--hard-negatives", False: "--no-hard-negatives"}[cfg.hard_negatives]
+    if widest == 0:
+        why = "--no-hard-negatives" if cfg.hard_negatives is False else "auto: the data has no negatives"
+        return 0, False, f"hard negatives: none, training on pairs ({why})"
+    k = widest if cfg.k_negatives is None else cfg.k_negatives
+    if k > widest:
+        raise DataError(f"negatives_per_query={cfg.negatives_per_query!r} is more than any example has (at most "
+                        f"{widest}): lower --negatives-per-query or pass 'all'")
+    per_example = np.asarray(per_example)
+    fewer = int((per_example < k).sum())
+    line = f"hard negatives: {k} per query ({mode}: the data has them, at most {widest} per example)"
+    if fewer:
+        line += (f"; {fewer} of {len(per_example)} examples have fewer than {k} and use the ones they have "
+                 f"(the empty slots are left out of the loss)")
+    none = [n for s, n in enumerate(names) if not per_example[np.asarray(sources) == s].any()]
+    if none:
+        line += f"; no negatives in {', '.join(none)} (in-batch negatives only)"
+    return k, fewer > 0, line
+
+
+def sources_line(cfg: TrainConfig, sampler: GlobalBatchSampler, sources, names: list[str]) -> str:
+    """The start-up line of several sources: examples and steps of each in the first epoch."""
+    examples = np.bincount(np.asarray(sources), minlength=len(names))
+    steps = sampler.batch_sources(0)
+    if steps is None:
+        return "sources mixed in every batch (--mix-sources): " + ", ".join(
+            f"{n} {e} examples" for n, e in zip(names, examples))
+    steps = np.bincount(steps, minlength=len(names))
+    return (f"sources: one per global batch ({cfg.source_sampling}" + (f", weights {cfg.weights}" if cfg.weights
+            else "") + "): " + ", ".join(f"{n} {e} examples, {s} steps/epoch" for n, e, s in
+                                         zip(names, examples, steps)))
 
 
 def _setup_evaluators(cfg: TrainConfig) -> tuple[list[Evaluator], str]:
@@ -405,12 +460,16 @@ def _log_step(t: Trainer, loss: torch.Tensor, grad_norm) -> None:
               "loss_last_step": float(distributed.mean(loss.detach())), "lr": t.lr, "pairs_per_s": t.window.rate(),
               "grad_norm": None if grad_norm is None else float(grad_norm), "global_batch": t.global_batch,
               "negatives_per_anchor": t.negatives_per_anchor, "skipped_steps": t.state.skipped_steps}
+    by_source = t.sampler.steps_by_source(t.state.epoch, t.state.step_in_epoch)
+    if by_source is not None:
+        record["steps_per_source"] = by_source
     t.metrics.write(record)
     info = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['pairs_per_s']:.0f} pairs/s  "
             f"batch {t.global_batch} ({t.negatives_per_anchor} neg/anchor)" + (f"  {t.eval_info}" if t.eval_info else ""))
     t.progress.update(1, info=info)
     if not t.progress.live:  # no bar (a log file, CI): a plain line instead
-        logger.info("step %d/%d  %s", t.state.global_step, t.total_steps, info)
+        logger.info("step %d/%d  %s%s", t.state.global_step, t.total_steps, info, "" if by_source is None else
+                    "  steps per source " + " ".join(f"{n}:{c}" for n, c in by_source.items()))
 
 
 def evaluate(t: Trainer) -> dict[str, float]:
@@ -471,7 +530,7 @@ def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:
     """The run's facts for the model card (schema in mnr/card.py)."""
     cfg = t.cfg
     settings = {"loss": "MultipleNegativesRankingLoss" + (" (symmetric)" if cfg.symmetric else ""),
-                "hard negatives": cfg.hard_negatives, "batch size per process": cfg.batch_size,
+                "hard negatives": t.k > 0, "hard negatives per query": t.k, "batch size per process": cfg.batch_size,
                 "processes": t.world, "global batch size": t.global_batch,
                 "negatives per anchor": t.negatives_per_anchor, "learning rate": cfg.lr,
                 "warm-up ratio": cfg.warmup_ratio, "weight decay": cfg.weight_decay, "scale": cfg.scale,

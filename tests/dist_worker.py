@@ -5,7 +5,8 @@ and the test asserts on them (an exception here fails the launch, which the test
 
 1. the loss of this process's anchors with gathered candidates equals the single-process loss of the same
    anchors against the concatenated batch, and the gradient each process gets, divided by N as DDP does,
-   equals the single-process gradient (random embeddings: pairs, triplets, symmetric);
+   equals the single-process gradient (random embeddings: pairs, triplets, symmetric, k = 3 negatives with
+   and without empty, masked slots);
 2. GradCache under DDP (no_sync on all chunks but the last) gives the uncached gradient, and both equal the
    gradient of the single-process loss over the whole N*B batch (tiny random BERT, dropout off).
 """
@@ -30,24 +31,32 @@ def loss_checks(rank: int, world: int, local_batch: int = 4, dim: int = 16) -> d
     from mnr.loss import mnr_loss, ranking_loss
 
     results = {}
-    for name, n_roles, symmetric in (("pairs", 2, False), ("triplets", 3, False), ("symmetric", 2, True),
-                                     ("symmetric_triplets", 3, True)):
+    cases = {"pairs": (2, False), "triplets": (3, False), "symmetric": (2, True), "symmetric_triplets": (3, True),
+             "k3": (5, False), "k3_masked": (5, False)}
+    for name, (n_roles, symmetric) in cases.items():
         gen = torch.Generator().manual_seed(1234)  # same global batch on every process
         full = [torch.randn(world * local_batch, dim, generator=gen).requires_grad_() for _ in range(n_roles)]
         rows = slice(rank * local_batch, (rank + 1) * local_batch)
         local = [t.detach()[rows].clone().requires_grad_() for t in full]
+        full_mask = (torch.rand(world * local_batch, n_roles - 2, generator=gen) > 0.4) if name.endswith("masked") \
+            else None
+        mask = None if full_mask is None else full_mask[rows]
 
-        gathered = mnr_loss(*local, symmetric=symmetric, gather=distributed.all_gather_with_grad, rank=rank)
+        gathered = mnr_loss(local[0], local[1], local[2:] or None, negative_mask=mask, symmetric=symmetric,
+                            gather=distributed.all_gather_with_grad, rank=rank)
         gathered.backward()
 
         # single process: the same anchors ranked against the concatenated batch (no process group involved)
         anchors = F.normalize(full[0], dim=-1)
-        candidates = torch.cat([F.normalize(t, dim=-1) for t in full[1:]])  # [all positives; all negatives]
+        negatives = [F.normalize(t, dim=-1) if full_mask is None else F.normalize(t, dim=-1)[full_mask[:, j]]
+                     for j, t in enumerate(full[2:])]  # masked slots are no candidates
+        candidates = torch.cat([F.normalize(full[1], dim=-1), *negatives])  # [all positives; all negatives]
         single_mine = ranking_loss(anchors[rows], candidates, 20.0, rank * local_batch)
         if symmetric:
             positives = F.normalize(full[1], dim=-1)
             single_mine = (single_mine + ranking_loss(positives[rows], anchors, 20.0, rank * local_batch)) / 2
-        single_all = mnr_loss(*full, symmetric=symmetric)  # the loss over the whole N*B batch
+        single_all = mnr_loss(full[0], full[1], full[2:] or None, negative_mask=full_mask,
+                              symmetric=symmetric)  # the loss over the whole N*B batch
         single_all.backward()
         results[name] = {
             "gathered_loss": float(gathered.detach()), "single_loss_mine": float(single_mine.detach()),
@@ -64,7 +73,9 @@ def texts(n: int, role: str) -> list[str]:
     places = "street water house tree grass car bike food".split()
     return [{"anchor": f"a {words[i % 8]} {i} is playing near the {places[(i // 8) % 8]}",
              "positive": f"the {words[i % 8]} {i} plays outside",
-             "negative": f"two {words[(i + 3) % 8]} are sleeping in the {places[i % 8]} {i}"}[role] for i in range(n)]
+             "negative": f"two {words[(i + 3) % 8]} are sleeping in the {places[i % 8]} {i}",
+             "negative_2": f"a {words[(i + 5) % 8]} {i} sits on a roof",
+             "negative_3": f"nobody {i} is in the {places[(i + 2) % 8]} today"}[role] for i in range(n)]
 
 
 def gradcache_checks(accelerator, model_path: str, local_batch: int = 4, mini_batch: int = 3) -> dict:
@@ -78,22 +89,24 @@ def gradcache_checks(accelerator, model_path: str, local_batch: int = 4, mini_ba
     reference = copy.deepcopy(encoder)
     model = accelerator.prepare(encoder)  # DDP
     model.train()
-    roles = ("anchor", "positive", "negative")
     n = world * local_batch
 
-    def tokens(rows: slice):
+    def tokens(rows: slice, roles):
         batch = tokenizer([t for role in roles for t in texts(n, role)[rows]], padding=True, truncation=True,
                           max_length=32, return_tensors="pt")
         return batch["input_ids"], batch["attention_mask"]
 
     results = {}
-    cases = {"triplets": {}, "symmetric": {"symmetric": True},
-             "matryoshka": {"dims": (32, 16, 8), "dim_weights": (1.0, 0.5, 0.25)}}  # the tiny model is 32-d
-    for case, options in cases.items():
-        def loss_fn(embeddings, gather=distributed.all_gather_with_grad, rank=rank):
-            return mnr_loss(*split_roles(embeddings, len(roles)), gather=gather, rank=rank, **options)
+    triplet, k3 = ("anchor", "positive", "negative"), ("anchor", "positive", "negative", "negative_2", "negative_3")
+    cases = {"triplets": (triplet, {}), "symmetric": (triplet, {"symmetric": True}),
+             "matryoshka": (triplet, {"dims": (32, 16, 8), "dim_weights": (1.0, 0.5, 0.25)}),  # the tiny model is 32-d
+             "k3": (k3, {})}
+    for case, (roles, options) in cases.items():
+        def loss_fn(embeddings, gather=distributed.all_gather_with_grad, rank=rank, roles=roles, options=options):
+            parts = split_roles(embeddings, len(roles))
+            return mnr_loss(parts[0], parts[1], parts[2:], gather=gather, rank=rank, **options)
 
-        ids, mask = tokens(slice(rank * local_batch, (rank + 1) * local_batch))
+        ids, mask = tokens(slice(rank * local_batch, (rank + 1) * local_batch), roles)
         loss = loss_fn(model(ids, mask))
         accelerator.backward(loss)
         uncached = [p.grad.clone() for p in model.parameters()]
@@ -104,7 +117,7 @@ def gradcache_checks(accelerator, model_path: str, local_batch: int = 4, mini_ba
         model.zero_grad(set_to_none=True)
 
         # single process: the whole N*B batch through an identical, unwrapped copy, no gather
-        full_ids, full_mask = tokens(slice(0, n))
+        full_ids, full_mask = tokens(slice(0, n), roles)
         reference.zero_grad(set_to_none=True)
         single = loss_fn(reference(full_ids, full_mask), gather=lambda t: t, rank=0)
         single.backward()

@@ -9,7 +9,7 @@ def test_defaults_are_the_tutorial_recipe():
     cfg = parse_config([])
     assert (cfg.batch_size, cfg.epochs, cfg.lr, cfg.warmup_ratio, cfg.scale, cfg.max_seq_length) == (
         32, 1, 2e-5, 0.1, 20.0, 128)
-    assert cfg.hard_negatives and cfg.n_roles == 3
+    assert cfg.hard_negatives is None and cfg.k_negatives == 1  # auto: hard negatives where the data has them
 
 
 def test_yaml_then_flags_override(tmp_path):

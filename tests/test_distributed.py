@@ -85,7 +85,7 @@ def metrics(run: Path) -> list[dict]:
 # ---- proof 1: the loss and gradient of each process equal the single-process ones -------------------------
 
 
-@pytest.mark.parametrize("case", ["pairs", "triplets", "symmetric", "symmetric_triplets"])
+@pytest.mark.parametrize("case", ["pairs", "triplets", "symmetric", "symmetric_triplets", "k3", "k3_masked"])
 def test_gathered_loss_equals_single_process_loss(worker, case):
     assert [r["world"] for r in worker] == [2, 2] and "MULTI_CPU" in worker[0]["distributed_type"]
     for r in worker:
@@ -96,7 +96,7 @@ def test_gathered_loss_equals_single_process_loss(worker, case):
     assert abs(mean - worker[0]["loss"][case]["single_loss_all"]) < 1e-6
 
 
-@pytest.mark.parametrize("case", ["pairs", "triplets", "symmetric", "symmetric_triplets"])
+@pytest.mark.parametrize("case", ["pairs", "triplets", "symmetric", "symmetric_triplets", "k3", "k3_masked"])
 def test_gathered_gradient_over_n_equals_single_process_gradient(worker, case):
     """The all-gather's backward sums over processes; DDP's /N then gives the single-process gradient."""
     for r in worker:
@@ -108,7 +108,7 @@ def test_gathered_gradient_over_n_equals_single_process_gradient(worker, case):
 # ---- GradCache with 2 processes --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["triplets", "symmetric", "matryoshka"])
+@pytest.mark.parametrize("case", ["triplets", "symmetric", "matryoshka", "k3"])
 def test_gradcache_two_processes_matches_uncached_and_single_process(worker, case):
     from test_gradcache import tolerance  # 1e-5, growing with the gradient above 2 (Matryoshka's are larger)
 

@@ -17,7 +17,12 @@ TEXTS = {
     "anchor": [f"a man {i} is playing with the dog near the house" for i in range(6)],
     "positive": [f"the person {i} plays outside" for i in range(6)],
     "negative": [f"two women {i} are sleeping" for i in range(6)],
+    "negative_2": [f"a cat {i} sits on the roof" for i in range(6)],
+    "negative_3": [f"nobody {i} is at the beach today" for i in range(6)],
 }
+K3 = ("anchor", "positive", "negative", "negative_2", "negative_3")
+# k = 3 with empty slots (examples with fewer than 3 negatives): the masked ones take no part in the loss
+MASK = {"negative_mask": torch.tensor([[True, True, True], [True, False, False], [True, True, False]] * 2)}
 
 
 def batch(tokenizer, roles):
@@ -58,7 +63,8 @@ def tolerance(grad_max: float) -> float:
 @pytest.mark.parametrize("roles,options", [(("anchor", "positive"), {}),
                                            (("anchor", "positive", "negative"), {}),
                                            (("anchor", "positive", "negative"), {"symmetric": True}),
-                                           (("anchor", "positive", "negative"), MATRYOSHKA)])
+                                           (("anchor", "positive", "negative"), MATRYOSHKA),
+                                           (K3, {}), (K3, MASK)])
 @pytest.mark.parametrize("mini_batch_size", [1, 4, 7])
 def test_cached_gradient_equals_uncached(encoder, roles, options, mini_batch_size):
     model, tokenizer = encoder
@@ -66,7 +72,8 @@ def test_cached_gradient_equals_uncached(encoder, roles, options, mini_batch_siz
     ids, mask = batch(tokenizer, roles)
 
     def loss_fn(embeddings):
-        return mnr_loss(*split_roles(embeddings, len(roles)), **options)
+        parts = split_roles(embeddings, len(roles))
+        return mnr_loss(parts[0], parts[1], parts[2:] or None, **options)
 
     model.zero_grad(set_to_none=True)
     loss = loss_fn(model(ids, mask))

@@ -65,6 +65,10 @@ def test_the_store_prompts_queries_and_documents_before_hashing_and_tokenising(t
     assert [text(t) for t in rows[0]] == ["query : a man is playing", "passage : a dog is running outside",
                                           "passage : the red car"]
     assert text(rows[1][1]) == "passage : a man is playing" and rows[1][1] != rows[0][0]
+    # the sampler's "no text twice in a global batch" compares bare texts: both forms of "a man is playing" clash
+    bare = store.same_text_ids()
+    assert bare[1][1] == bare[0][0] and len({*bare[0], *bare[1]}) == 5
+    assert plain.same_text_ids() is plain.text_ids
     # the prompt counts in max_seq_length; same prompts for both roles: one id per text, as without prompts
     short = prepare_train_store(str(_pairs(tmp_path)), tok, 4, True, str(tmp_path / "cache"), PROMPTS)
     assert short.token_ids[0].tolist() == tok("query: a man is playing", truncation=True, max_length=4)["input_ids"]
