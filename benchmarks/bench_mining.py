@@ -1,6 +1,9 @@
 """Hard-negative mining and Matryoshka (issue 14): short all-MiniLM-L6-v2 runs on the shared SNLI pairs, each
-scored by `python -m mnr.evaluate` (embedded STSb validation Spearman x100 and the stsb_retrieval sanity set's
-nDCG@10), and mining throughput of `mnr.mine` vs sentence-transformers' `mine_hard_negatives`.
+scored by `python -m mnr.evaluate` on two dev sets built from the shared data: STSb validation (every
+--sts-every-th pair; Spearman x100) and SNLI test as retrieval (its first --retrieval-rows rows: premise -> its
+entailments, contradictions as distractors; nDCG@10), and mining throughput of `mnr.mine` vs
+sentence-transformers' `mine_hard_negatives`.  The training pairs come from the front of the shared SNLI
+validation file (--pairs <= 3000), so the SNLI test rows are held out.
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python benchmarks/bench_mining.py --workdir /tmp/bench-mining
 
@@ -10,7 +13,7 @@ nDCG@10), and mining throughput of `mnr.mine` vs sentence-transformers' `mine_ha
     --matryoshka-dims 32; 384 = run (a)'s contradiction run), each evaluated at 384, 128 and 32 (--eval-dims);
 (c) mining throughput (texts encoded and searched per second, model loading excluded) of both tools on the same
     queries and corpus, k=1, batch 32.
-Every training run: --max-steps STEPS --batch-size 32, lr 2e-5, 10% warm-up, seed 42, max 128 tokens.
+Every training run: --max-steps STEPS --batch-size BATCH, lr 2e-5, 10% warm-up, seed 42, max 128 tokens.
 Prints markdown tables; a summary JSON of every number goes to WORKDIR/results.json.
 """
 
@@ -28,11 +31,26 @@ import common  # noqa: E402
 
 HYPER = ["--lr", "2e-5", "--warmup-ratio", "0.1", "--seed", "42", "--max-seq-length", "128", "--eval-data", "none"]
 DIMS = (384, 128, 32)
+STS_NAME, RET_NAME = "stsb_validation_dev", "snli_test_retrieval"  # the dev sets' file stems = evaluator names
 
 
-def evaluate(model: str, log: Path, dims: tuple[int, ...] = ()) -> dict:
-    """mnr.evaluate's JSON results (embedded sets) of one model; {label: {metric: value}}."""
-    cmd = [sys.executable, "-m", "mnr.evaluate", model, "--json"]
+def dev_sets(work: Path, sts_every: int, retrieval_rows: int) -> list[str]:
+    """The two dev files (names as above) from the shared data."""
+    import gzip
+
+    sts_lines = common.STSB_VALIDATION.read_text(encoding="utf-8").splitlines(keepends=True)
+    sts = work / f"{STS_NAME}.tsv"
+    sts.write_text(sts_lines[0] + "".join(sts_lines[1::sts_every]), encoding="utf-8")
+    with gzip.open(common.NLI_DIR / "snli_test.tsv.gz", "rt", encoding="utf-8") as fh:
+        nli_lines = fh.read().splitlines(keepends=True)
+    ret = work / f"{RET_NAME}.tsv"
+    ret.write_text("".join(nli_lines[: retrieval_rows + 1]), encoding="utf-8")
+    return [str(sts), str(ret)]
+
+
+def evaluate(model: str, log: Path, dims: tuple[int, ...], data: list[str]) -> dict:
+    """mnr.evaluate's JSON results on the dev sets of one model; {label: {metric: value}}."""
+    cmd = [sys.executable, "-m", "mnr.evaluate", model, "--json", "--data", ",".join(data)]
     if dims:
         cmd += ["--eval-dims", ",".join(map(str, dims))]
     rc, _, _ = common.run_child(cmd, log)
@@ -42,9 +60,9 @@ def evaluate(model: str, log: Path, dims: tuple[int, ...] = ()) -> dict:
     return json.loads(lines[-1])["results"]
 
 
-def train(name: str, data: Path, work: Path, model: str, steps: int, extra: list[str]) -> tuple[str, float]:
+def train(name: str, data: Path, work: Path, model: str, args, extra: list[str]) -> tuple[str, float]:
     out = work / name
-    cmd = common.ours_cmd(model, data, out, 32, steps, HYPER + extra)
+    cmd = common.ours_cmd(model, data, out, args.batch_size, args.steps, HYPER + extra)
     rc, seconds, _ = common.run_child(cmd, work / f"{name}.log")
     if rc != 0:
         raise SystemExit(f"training {name} failed (exit {rc}); see {work / f'{name}.log'}")
@@ -79,26 +97,31 @@ def _row(cells) -> str:
 
 
 def _metrics(res: dict, label: str) -> tuple[str, str]:
-    sts = res["stsb_validation" + label]["spearman"]
-    ret = res["stsb_retrieval" + label]["ndcg@10"]
+    sts = res[STS_NAME + label]["spearman"]
+    ret = res[RET_NAME + label]["ndcg@10"]
     return f"{sts:.2f}", f"{ret:.4f}"
 
 
-def table_negatives(base: dict, runs: dict, mined: dict, steps: int) -> list[str]:
-    lines = [f"| training data ({steps} steps x 32) | STSb val Spearman | stsb_retrieval nDCG@10 | train s |",
+def table_negatives(base: dict, runs: dict, mined: dict, args) -> list[str]:
+    lines = [f"| training data ({args.steps} steps x {args.batch_size}) | STSb val Spearman | SNLI test retrieval "
+             f"nDCG@10 | train s |",
              "|---|---:|---:|---:|", _row(["base all-MiniLM-L6-v2 (no training)", *_metrics(base, ""), "-"])]
     names = {"pairs": "entailment pairs, no negatives", "contradiction": "+ SNLI contradiction as negative",
              "mined": "+ mined negative (mnr.mine, base model, k=1, relative margin 0.05)"}
     for key, label in names.items():
         res, seconds = runs[key]
         lines.append(_row([label, *_metrics(res, ""), f"{seconds:.0f}"]))
-    pos, neg = mined["positive_scores"], mined["negative_scores"]
-    lines += ["", f"Mining: {mined['pairs']} pairs, {mined['queries']} queries, corpus {mined['corpus']} texts (the "
-              f"positives); {mined['queries_with_fewer_than_k']} queries without a negative "
-              f"({mined['pairs_left_out']} pairs left out); cosine of positives mean {pos['mean']:.3f} "
-              f"(p5 {pos['p5']:.3f}), of mined negatives mean {neg['mean']:.3f} (p95 {neg['p95']:.3f}); "
-              f"candidates skipped by the relative margin: {mined['candidates_skipped'].get('relative_margin', 0)}."]
     return lines
+
+
+def table_mined(mined: dict) -> list[str]:
+    pos, neg = mined["positive_scores"], mined["negative_scores"]
+    return [f"Mining: {mined['pairs']} pairs, {mined['queries']} queries, corpus {mined['corpus']} texts (the "
+            f"positives); {mined['queries_with_fewer_than_k']} queries without a negative "
+            f"({mined['pairs_left_out']} pairs left out); cosine of positives mean {pos['mean']:.3f} "
+            f"(p5 {pos['p5']:.3f}), of mined negatives mean {neg['mean']:.3f} (p95 {neg['p95']:.3f}); "
+            f"candidates skipped by the relative margin: {mined['candidates_skipped'].get('relative_margin', 0)}; "
+            f"{mined['seconds']:.0f} s, {mined['texts_per_s']:.1f} texts/s."]
 
 
 def table_matryoshka(base: dict, mat: dict, single: dict) -> list[str]:
@@ -158,7 +181,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="", help="where data, models and logs go (default: a temp dir)")
     p.add_argument("--steps", type=int, default=120, help="optimizer steps per training run (default 120)")
-    p.add_argument("--pairs", type=int, default=4000, help="entailment pairs used (mined, trained on)")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch (default 32)")
+    p.add_argument("--sts-every", type=int, default=1, help="STSb validation: every n-th pair (default 1: all)")
+    p.add_argument("--retrieval-rows", type=int, default=600, help="SNLI test rows of the retrieval dev set")
+    p.add_argument("--pairs", type=int, default=2000, help="entailment pairs used (mined, trained on)")
     p.add_argument("--throughput-queries", type=int, default=1000)
     p.add_argument("--throughput-corpus", type=int, default=2000)
     args = p.parse_args()
@@ -169,7 +195,7 @@ def main() -> None:
     from mnr.mine import memory_bytes
 
     mem = memory_bytes(1_000_000, 1_000_000, 384, 13)
-    print("mnr.mine memory for 1M queries and a 1M-text corpus, d=384, K=13 (k=1, range-max 10, 2 excluded): "
+    print("mnr.mine memory for 1M queries and a 1M-text corpus, d=384, 13 candidates retrieved per query: "
           + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in mem.items()), flush=True)
     pairs, triplets = work / "pairs.tsv", work / "triplets.tsv"
     all_pairs, all_triplets = work / "all_pairs.tsv", work / "all_triplets.tsv"
@@ -178,8 +204,10 @@ def main() -> None:
     n_pairs, n_triplets = subset(all_pairs, all_triplets, pairs, triplets, args.pairs)
     print(f"training data: the first {n_pairs} entailment pairs of the shared SNLI files; {n_triplets} of them have "
           f"a contradiction", flush=True)
+    data = dev_sets(work, args.sts_every, args.retrieval_rows)
     mined_file, mined = mine_snli(pairs, work, model)
-    base = evaluate(model, work / "eval-base.log", DIMS)
+    print("\n".join(table_mined(mined)), flush=True)
+    base = evaluate(model, work / "eval-base.log", DIMS, data)
     runs, single = {}, {}
     results = {"base": base, "mined": mined, "runs": runs, "single": single}
 
@@ -187,23 +215,25 @@ def main() -> None:
         print(f"{name}: STSb {_metrics(res, '')[0]}, nDCG@10 {_metrics(res, '')[1]}", flush=True)
         (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
 
-    for key, data, extra in (("pairs", pairs, ["--no-hard-negatives"]), ("contradiction", triplets, []),
+    for key, train_file, extra in (("pairs", pairs, ["--no-hard-negatives"]), ("contradiction", triplets, []),
                              ("mined", mined_file, [])):
-        out, seconds = train(key, data, work, model, args.steps, extra)
-        runs[key] = (evaluate(out, work / f"eval-{key}.log", DIMS), seconds)
+        out, seconds = train(key, train_file, work, model, args, extra)
+        runs[key] = (evaluate(out, work / f"eval-{key}.log", DIMS, data), seconds)
         done(key, runs[key][0])
-    mat_out, _ = train("matryoshka", triplets, work, model, args.steps, ["--matryoshka-dims", "384,128,32"])
-    mat = results["matryoshka"] = evaluate(mat_out, work / "eval-matryoshka.log", DIMS)
+    print("\n### (a) Negatives\n\n" + "\n".join(table_negatives(base, runs, mined, args)), flush=True)
+    mat_out, _ = train("matryoshka", triplets, work, model, args, ["--matryoshka-dims", "384,128,32"])
+    mat = results["matryoshka"] = evaluate(mat_out, work / "eval-matryoshka.log", DIMS, data)
     done("matryoshka", mat)
     single[384] = runs["contradiction"][0]
     for dim in DIMS[1:]:
-        out, _ = train(f"only{dim}", triplets, work, model, args.steps, ["--matryoshka-dims", str(dim)])
-        single[dim] = evaluate(out, work / f"eval-only{dim}.log", DIMS)
+        out, _ = train(f"only{dim}", triplets, work, model, args, ["--matryoshka-dims", str(dim)])
+        single[dim] = evaluate(out, work / f"eval-only{dim}.log", DIMS, data)
         done(f"only{dim}", single[dim])
+    print("\n### (b) Matryoshka\n\n" + "\n".join(table_matryoshka(base, mat, single)), flush=True)
     tp = throughput(all_pairs, work, model, args.throughput_queries, args.throughput_corpus)
-    print("\n### (a) Negatives\n\n" + "\n".join(table_negatives(base, runs, mined, args.steps)))
-    print("\n### (b) Matryoshka\n\n" + "\n".join(table_matryoshka(base, mat, single)))
     print("\n### (c) Mining throughput\n\n" + "\n".join(tp), flush=True)
+    print("\n### (a) Negatives, again\n\n" + "\n".join(table_negatives(base, runs, mined, args) + [""] +
+                                                   table_mined(mined)), flush=True)
 
 
 if __name__ == "__main__":
