@@ -159,19 +159,21 @@ class Selection:
     skipped: Counter = field(default_factory=Counter)  # candidates dropped per rule
 
 
-def _padded(lists: list[list[int]]) -> torch.Tensor:
-    width = max((len(x) for x in lists), default=0) or 1
-    out = torch.full((len(lists), width), -1, dtype=torch.int64)
-    for i, x in enumerate(lists):
-        out[i, : len(x)] = torch.tensor(x, dtype=torch.int64)
-    return out
+def _excluded_mask(index: torch.Tensor, excluded: list[list[int]]) -> torch.Tensor:
+    """(n, K) True where index[q, j] is one of query q's excluded corpus indices.  Pairs are compared as int64 keys
+    q * n_docs + doc (torch.isin sorts them): memory O(n K + excluded), whatever the number of positives."""
+    rows = torch.tensor([q for q, ex in enumerate(excluded) for _ in ex], dtype=torch.int64)
+    docs = torch.tensor([d for ex in excluded for d in ex], dtype=torch.int64)
+    n_docs = max(int(index.max()) if index.numel() else 0, int(docs.max()) if docs.numel() else 0) + 1
+    keys = torch.arange(index.shape[0], dtype=torch.int64)[:, None] * n_docs + index
+    return torch.isin(keys, rows * n_docs + docs)
 
 
 def select(scores: torch.Tensor, index: torch.Tensor, positive_min: torch.Tensor, excluded: list[list[int]],
            opts: MineOptions) -> Selection:
     """Negatives per query from its ranked candidates (scores, index: (n, K), best first); positive_min: (n,)
     the lowest positive score of each query (the margin reference, as sentence-transformers)."""
-    valid = ~(index[:, :, None] == _padded(excluded)[:, None, :]).any(-1)
+    valid = ~_excluded_mask(index, excluded)
     skipped: Counter = Counter()
     rules = []
     if opts.margin is not None:

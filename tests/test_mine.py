@@ -184,3 +184,13 @@ def test_two_processes_write_the_same_file(tmp_path, tiny_model):
     assert two.read_bytes() == one.read_bytes()
     summary = json.loads((tmp_path / "two.tsv.summary.json").read_text())
     assert summary["processes"] == 2
+
+
+def test_exclusion_keys_never_collide_across_queries():
+    from mnr.mine import _excluded_mask
+
+    # query 0 excludes doc 7, never retrieved; with keys q * n_docs + doc and n_docs taken from the retrieved
+    # indices alone (max 4), 0 * 5 + 7 would equal query 1's key 1 * 5 + 2 and wrongly exclude doc 2 for query 1
+    index = torch.tensor([[0, 1, 2], [2, 3, 4]])
+    mask = _excluded_mask(index, [[7, 0], [3]])
+    assert mask.tolist() == [[True, False, False], [False, True, False]]
