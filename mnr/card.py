@@ -20,6 +20,7 @@ on what, the scores, and how to load the model with sentence-transformers and wi
     max_seq_length      int                                  }
     embedding_dim       int                                  }
     similarity_fn_name  str   "cosine", "dot", ...           }
+    matryoshka_dims     list  embedding sizes trained at once (Matryoshka); the usage shows truncate_dim
     do_lower_case       bool                                 }
     query_prompt        str   put before queries ("" none)   }
     document_prompt     str   put before documents           }
@@ -198,6 +199,7 @@ def _usage(info: dict, path: str) -> list[str]:
               "", f"model = SentenceTransformer({path!r})", f"sentences = {SAMPLE_SENTENCES!r}",
               f"embeddings = model.encode(sentences{prompt_arg})",
               "print(model.similarity(embeddings, embeddings))", "```", ""]
+    lines += _truncate_usage(info, path)
     return lines + _transformers_usage(info, path, pooling, query)
 
 
@@ -223,3 +225,18 @@ def _transformers_usage(info: dict, path: str, pooling: str, query: str) -> list
     lines += ["```", "", ("`output.pooler_output` is not the sentence embedding: mnr does not train the pooler head "
                           "(its weights are the base model's)."), ""]
     return lines
+
+
+def _truncate_usage(info: dict, path: str) -> list[str]:
+    """Matryoshka models: loading at a smaller size (the first d coordinates; cosine re-normalises them)."""
+    dims = sorted({int(d) for d in info.get("matryoshka_dims") or []}, reverse=True)
+    smaller = [d for d in dims if not info.get("embedding_dim") or d < int(info["embedding_dim"])]
+    if not smaller:
+        return []
+    return [f"Trained as a Matryoshka model at sizes {', '.join(map(str, dims))} (the first d coordinates of the "
+            f"embedding work alone). Smaller, faster embeddings:", "", "```python",
+            "from sentence_transformers import SentenceTransformer", "",
+            f"model = SentenceTransformer({path!r}, truncate_dim={smaller[0]})",
+            f"embeddings = model.encode({SAMPLE_SENTENCES!r})  # shape (3, {smaller[0]})",
+            "print(model.similarity(embeddings, embeddings))  # cosine: the truncated vectors are re-normalised",
+            "```", ""]

@@ -39,7 +39,8 @@ class CheckpointError(RuntimeError):
 # which may change between a run and its resume (README "Reliability" lists them). Data, model and eval files
 # enter by content hash, so an edited file under the same name is a different run.
 MAY_CHANGE_ON_RESUME = ("log_steps", "eval_steps", "save_steps", "save_total_limit", "progress", "report_to",
-                        "resume", "output_dir", "overwrite_output_dir", "cache_dir", "config", "skip_nonfinite")
+                        "resume", "output_dir", "overwrite_output_dir", "cache_dir", "config", "skip_nonfinite",
+                        "eval_dims")
 _FULL_HASH_LIMIT = 1 << 30  # weight files above 1 GiB: hash of the safetensors header + size + mtime instead
 
 

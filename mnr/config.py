@@ -96,6 +96,9 @@ class TrainConfig:
     metric_for_best: str = _f("", "the metric that picks best/: 'evaluator/metric' (e.g. stsb_validation/spearman, "
                               "dev/ndcg@10) or an evaluator's name for its main metric; empty = the first "
                               "evaluator's main metric (Spearman for STS, nDCG@10 for retrieval)")
+    eval_dims: str = _f("", "Matryoshka: comma-separated embedding sizes every evaluator also scores, each on the first d "
+                        "coordinates re-normalised, as '<evaluator>@<d>/<metric>' (e.g. stsb_validation@128/spearman; "
+                        "usable in --metric-for-best); empty = the --matryoshka-dims when set, else the full size only")
     eval_steps: int = _f(0, "run every evaluator every this many steps and keep the best model (--metric-for-best) "
                          "in best/ (0: only before and after training)")
     save_steps: int = _f(0, "save a resumable checkpoint every this many steps (0: only the final model)")
@@ -161,6 +164,9 @@ class TrainConfig:
              and int(self.negatives_per_query) >= 1), "negatives_per_query", "a whole number >= 1 or 'all'")
         parse_sampling(self.source_sampling)
         self._check_weights(need)
+        need(all(d.isdigit() and int(d) > 0 for d in _items(self.eval_dims))
+             and len(set(_items(self.eval_dims))) == len(_items(self.eval_dims)), "eval_dims",
+             "comma-separated positive whole numbers, each once, e.g. 384,128,32")
         if self.resume and self.resume != "auto":
             need(Path(self.resume).is_dir(), "resume", "'auto' or an existing checkpoint directory")
 
@@ -195,6 +201,11 @@ class TrainConfig:
     def dims(self) -> tuple[int, ...]:
         """--matryoshka-dims as numbers (empty: the full embedding only)."""
         return tuple(int(d) for d in _items(self.matryoshka_dims))
+
+    @property
+    def evaluation_dims(self) -> tuple[int, ...]:
+        """--eval-dims as numbers; empty: the Matryoshka dims (which may be empty too: the full size only)."""
+        return tuple(int(d) for d in _items(self.eval_dims)) or self.dims
 
     @property
     def dim_weights(self) -> tuple[float, ...]:
@@ -242,7 +253,7 @@ HELP_GROUPS = {
                      "scale", "symmetric", "matryoshka_dims", "matryoshka_weights", "mini_batch_size", "length_buckets", "length_grouping", "seed",
                      "skip_nonfinite"],
     "distributed": ["gather_negatives"],
-    "evaluation": ["eval_data", "eval_steps", "metric_for_best"],
+    "evaluation": ["eval_data", "eval_dims", "eval_steps", "metric_for_best"],
     "checkpoints": ["output_dir", "overwrite_output_dir", "save_steps", "save_total_limit", "resume"],
     "logging": ["log_steps", "report_to", "progress"],
     "config file": ["config"],

@@ -25,7 +25,7 @@ import os
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from mnr import distributed
 from mnr.data import DataError, read_source
+from mnr.matryoshka import cut, label
 from mnr.retrieval import (MAX_K, RetrievalData, is_beir_dir, load_beir, metric_names, nli_rows_as_retrieval,
                            pair_rows_as_retrieval, retrieval_metrics, split_beir_spec, sts_as_retrieval, top_k)
 
@@ -161,9 +162,18 @@ def sts_spearman(encoder, tokenizer, data: STSData, max_seq_length: int = 128, b
                  encode_fn: Callable = encode) -> float:
     """Spearman x 100 of cos(emb(sentence1), emb(sentence2)) against the gold scores (both sides with the
     query prompt)."""
+    texts, emb = _sts_embeddings(encoder, tokenizer, data, max_seq_length, batch_size, encode_fn)
+    return _spearman_of(texts, F.normalize(emb, dim=-1), data)
+
+
+def _sts_embeddings(encoder, tokenizer, data: STSData, max_seq_length: int, batch_size: int,
+                    encode_fn: Callable) -> tuple[list[str], torch.Tensor]:
     texts = list(dict.fromkeys(data.sentences1 + data.sentences2))
-    emb = F.normalize(encode_fn(encoder, tokenizer, with_prompt(encoder, texts, "query"), max_seq_length,
-                                batch_size), dim=-1)
+    return texts, encode_fn(encoder, tokenizer, with_prompt(encoder, texts, "query"), max_seq_length, batch_size)
+
+
+def _spearman_of(texts: list[str], emb: torch.Tensor, data: STSData) -> float:
+    """Spearman x 100 of the cosine of normalised embeddings of the distinct texts."""
     pos = {t: i for i, t in enumerate(texts)}
     a = emb[[pos[t] for t in data.sentences1]]
     b = emb[[pos[t] for t in data.sentences2]]
@@ -185,12 +195,23 @@ class Evaluator:
     source: str
     max_seq_length: int = 128
     batch_size: int = 64
+    dims: tuple[int, ...] = ()  # Matryoshka: also score the first d coordinates, re-normalised (mnr/matryoshka.py)
 
     def describe(self) -> str:
         raise NotImplementedError
 
-    def __call__(self, encoder, tokenizer) -> dict[str, float]:
+    def by_dim(self, encoder, tokenizer) -> dict[int | None, dict[str, float]]:
+        """{None: metrics of the full embedding, d: metrics of its first d coordinates for each of `dims`}."""
         raise NotImplementedError
+
+    def __call__(self, encoder, tokenizer) -> dict[str, float]:
+        """The metrics of the full embedding (`dims` ignored)."""
+        return replace(self, dims=()).by_dim(encoder, tokenizer)[None]
+
+    def scores(self, encoder, tokenizer) -> dict[str, float]:
+        """Every metric under its key: `name/metric` (full embedding), `name@d/metric` (first d coordinates)."""
+        return {f"{label(self.name, dim)}/{metric}": value
+                for dim, res in self.by_dim(encoder, tokenizer).items() for metric, value in res.items()}
 
 
 @dataclass
@@ -201,9 +222,10 @@ class STSEvaluator(Evaluator):
         skips = f"; skipped: {self.data.skipped} rows with empty text or a non-numeric score" if self.data.skipped else ""
         return f"STS Spearman x100, {self.name} ({self.source}): {len(self.data.scores)} pairs{skips}"
 
-    def __call__(self, encoder, tokenizer) -> dict[str, float]:
-        return {"spearman": sts_spearman(encoder, tokenizer, self.data, self.max_seq_length, self.batch_size,
-                                         encode_fn=encode_sharded)}
+    def by_dim(self, encoder, tokenizer) -> dict[int | None, dict[str, float]]:
+        texts, emb = _sts_embeddings(encoder, tokenizer, self.data, self.max_seq_length, self.batch_size,
+                                     encode_sharded)
+        return {dim: {"spearman": _spearman_of(texts, cut(emb, dim), self.data)} for dim in (None, *self.dims)}
 
 
 @dataclass
@@ -214,14 +236,14 @@ class RetrievalEvaluator(Evaluator):
     def describe(self) -> str:
         return f"retrieval, {self.name} ({self.source}): {self.data.summary()}"
 
-    def __call__(self, encoder, tokenizer) -> dict[str, float]:
-        args = (encoder, tokenizer)
-        queries = F.normalize(encode_sharded(*args, with_prompt(encoder, self.data.queries, "query"),
-                                             self.max_seq_length, self.batch_size), dim=-1)
-        docs = F.normalize(encode_sharded(*args, with_prompt(encoder, self.data.corpus, "document"),
-                                          self.max_seq_length, self.batch_size), dim=-1)
+    def by_dim(self, encoder, tokenizer) -> dict[int | None, dict[str, float]]:
+        args = (encoder, tokenizer, self.max_seq_length, self.batch_size)
+        queries = encode_sharded(*args[:2], with_prompt(encoder, self.data.queries, "query"), *args[2:])
+        docs = encode_sharded(*args[:2], with_prompt(encoder, self.data.corpus, "document"), *args[2:])
         device = next(encoder.parameters()).device
-        docs = docs.to(device)
+        return {dim: self._rank(cut(queries, dim), cut(docs, dim).to(device), device) for dim in (None, *self.dims)}
+
+    def _rank(self, queries: torch.Tensor, docs: torch.Tensor, device) -> dict[str, float]:
         chunks = [list(range(s, min(s + self.query_chunk, len(self.data.queries))))
                   for s in range(0, len(self.data.queries), self.query_chunk)]
 
@@ -234,9 +256,11 @@ class RetrievalEvaluator(Evaluator):
         return retrieval_metrics(ranked.tolist(), self.data.relevant)
 
 
-def build_evaluators(spec: str | list[str], max_seq_length: int = 128, batch_size: int = 64) -> list[Evaluator]:
+def build_evaluators(spec: str | list[str], max_seq_length: int = 128, batch_size: int = 64,
+                     dims: tuple[int, ...] = ()) -> list[Evaluator]:
     """`--eval-data` -> evaluators.  '' = the embedded sets (STSb validation, and the retrieval sanity set built
-    from it: `embedded_retrieval`), 'none' = [].  Raises DataError naming the set on bad input."""
+    from it: `embedded_retrieval`), 'none' = [].  dims: truncated sizes each evaluator also scores (below the
+    model's width, `matryoshka.truncated_dims`).  Raises DataError naming the set on bad input."""
     if isinstance(spec, str):
         if spec.strip().lower() == "none":
             return []
@@ -245,7 +269,7 @@ def build_evaluators(spec: str | list[str], max_seq_length: int = 128, batch_siz
         specs = [s.strip() for s in spec if s.strip()]
     evaluators: list[Evaluator] = []
     names: Counter = Counter()
-    common = dict(max_seq_length=max_seq_length, batch_size=batch_size)
+    common = dict(max_seq_length=max_seq_length, batch_size=batch_size, dims=tuple(dims))
     for one in specs or [""]:
         for ev in _evaluators_of(one, common):
             names[ev.name] += 1
@@ -256,11 +280,13 @@ def build_evaluators(spec: str | list[str], max_seq_length: int = 128, batch_siz
 
 
 def metric_choices(evaluators: list[Evaluator]) -> list[str]:
-    """Every "evaluator/metric" the evaluators report, each evaluator's main metric first (higher is better)."""
+    """Every "evaluator/metric" the evaluators report, each evaluator's main metric first (higher is better); with
+    dims, each size's as "evaluator@d/metric" after the full embedding's."""
     out = []
     for ev in evaluators:
         names = ["spearman"] if ev.kind == "sts" else metric_names()
-        out += [f"{ev.name}/{ev.main_metric}"] + [f"{ev.name}/{m}" for m in names if m != ev.main_metric]
+        for name in [label(ev.name, dim) for dim in (None, *ev.dims)]:
+            out += [f"{name}/{ev.main_metric}"] + [f"{name}/{m}" for m in names if m != ev.main_metric]
     return out
 
 
@@ -315,28 +341,35 @@ def _short_name(spec: str) -> str:
 # command line
 
 
-def _print_results(model: str, evaluators: list[Evaluator], results: list[dict[str, float]]) -> None:
+def _print_results(model: str, evaluators: list[Evaluator], results: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"mnr.evaluate {model}")
-    for column in ("set", "kind", "metric", "value"):
-        table.add_column(column, justify="right" if column == "value" else "left")
-    for ev, res in zip(evaluators, results):
-        for i, (metric, value) in enumerate(res.items()):
-            shown = f"{value:.2f}" if ev.kind == "sts" else f"{value:.4f}"
-            label = f"{metric} (main)" if metric == ev.main_metric else metric
-            table.add_row(ev.name if i == 0 else "", ev.kind if i == 0 else "", label, shown)
+    for column in ("set", "kind", "dim", "metric", "value"):
+        table.add_column(column, justify="right" if column in ("value", "dim") else "left")
+    for ev, by_dim in zip(evaluators, results):
+        for j, (dim, res) in enumerate(by_dim.items()):
+            for i, (metric, value) in enumerate(res.items()):
+                shown = f"{value:.2f}" if ev.kind == "sts" else f"{value:.4f}"
+                name = f"{metric} (main)" if metric == ev.main_metric else metric
+                first = i == 0 and j == 0
+                table.add_row(ev.name if first else "", ev.kind if first else "",
+                              ("full" if dim is None else str(dim)) if i == 0 else "", name, shown)
         table.add_section()
-    Console(width=100).print(table)
+    Console(width=110).print(table)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(prog="python -m mnr.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="model directory (or hub id) to evaluate")
     parser.add_argument("--data", action="append", default=[],
                         help="an evaluation set (repeat, or comma-separate): STS pairs, a BEIR folder (DIR or "
                              "DIR@split), anchor/positive[/negative] or NLI rows; none given: the embedded sets")
+    parser.add_argument("--eval-dims", default=None,
+                        help="Matryoshka: comma-separated embedding sizes to score too, each on the first d "
+                             "coordinates re-normalised, e.g. 384,128,32 (default: the sizes the model was trained "
+                             "at, recorded in its export; none recorded: the full size only)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--max-seq-length", type=int, default=128, help="truncate texts to this many tokens (default 128)")
     parser.add_argument("--batch-size", type=int, default=64, help="texts encoded at once per process (default 64)")
@@ -348,9 +381,29 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{role!r} prompt (config_sentence_transformers.json), if any; '' for none")
     parser.add_argument("--pooling", default="", choices=["", "mean", "cls", "lasttoken"],
                         help="override the model's saved pooling (default: the model's)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _setup(args) -> tuple[list[Evaluator], object, object]:
+    """Evaluators (with their Matryoshka sizes) and the model; DataError, ModelError or DimsError on bad input."""
+    from mnr.matryoshka import parse_dims, trained_dims, truncated_dims
+    from mnr.model import choose_pipeline, load_encoder
+
+    dims = parse_dims(args.eval_dims) if args.eval_dims is not None else trained_dims(args.checkpoint)
+    evaluators = build_evaluators(",".join(args.data), args.max_seq_length, args.batch_size)
+    encoder, tokenizer = load_encoder(args.checkpoint, args.trust_remote_code)
+    choose_pipeline(encoder, args.pooling, args.query_prompt, args.document_prompt)
+    width = getattr(encoder.config, "hidden_size", None)
+    for ev in evaluators:
+        ev.dims = truncated_dims(dims, width) if width else ()
+    return evaluators, encoder, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from mnr.model import ModelError, choose_pipeline, load_encoder
+    from mnr.matryoshka import DimsError
+    from mnr.model import ModelError
 
     device = None
     if distributed.launched_world_size() > 1:  # launched as N processes: one process group, shards
@@ -358,24 +411,23 @@ def main(argv: list[str] | None = None) -> int:
 
         device = Accelerator(cpu=not torch.cuda.is_available()).device
     try:
-        evaluators = build_evaluators(",".join(args.data), args.max_seq_length, args.batch_size)
-        encoder, tokenizer = load_encoder(args.checkpoint, args.trust_remote_code)
-        choose_pipeline(encoder, args.pooling, args.query_prompt, args.document_prompt)
-    except (DataError, ModelError) as err:
+        evaluators, encoder, tokenizer = _setup(args)
+    except (DataError, ModelError, DimsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not evaluators:
         print("error: --data none: nothing to evaluate", file=sys.stderr)
         return 2
     encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    results = [ev(encoder, tokenizer) for ev in evaluators]
+    results = [ev.by_dim(encoder, tokenizer) for ev in evaluators]
     if distributed.is_main():
         if args.json:
             pipe = encoder.pipeline
             print(json.dumps({"model": args.checkpoint, "processes": distributed.world_size(), "pooling": pipe.pooling,
                               "query_prompt": pipe.query_prompt, "document_prompt": pipe.document_prompt,
-                              "results": {ev.name: {"kind": ev.kind, "main_metric": ev.main_metric, **res}
-                                          for ev, res in zip(evaluators, results)}}))
+                              "results": {label(ev.name, dim): {"kind": ev.kind, "main_metric": ev.main_metric,
+                                                                 **({"dim": dim} if dim else {}), **res}
+                                          for ev, by_dim in zip(evaluators, results) for dim, res in by_dim.items()}}))
         else:
             for ev in evaluators:
                 print(ev.describe())

@@ -29,6 +29,7 @@ from mnr.evaluate import Evaluator, build_evaluators, metric_choices
 from mnr.gradcache import cached_loss_and_backward
 from mnr.launch import LaunchError, make_accelerator
 from mnr.loss import mnr_loss, split_roles
+from mnr.matryoshka import label, record_dims
 from mnr.model import (ModelError, choose_pipeline, load_encoder, max_positions, nonfinite_weights, resolve_model_path,
                        save_model)
 from mnr.reporting import LogWindow, MetricsLog, Progress, StopRequest, setup_logging
@@ -242,7 +243,7 @@ def setup(cfg: TrainConfig) -> Trainer:
     prompts = (encoder.pipeline.query_prompt, encoder.pipeline.document_prompt)
     sampler, collator, examples, data_stats = _setup_data(cfg, train_spec, tokenizer, accelerator, prompts)
     k = collator.k or 0
-    evaluators, best_metric = _setup_evaluators(cfg)
+    evaluators, best_metric = _setup_evaluators(cfg, getattr(encoder.config, "hidden_size", None))
     # an epoch without a single duplicate-free global batch is the sampler's error (it never yields zero steps)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else sum(sampler.steps_in_epoch(e) for e in range(cfg.epochs))
     optimizer = torch.optim.AdamW(param_groups(encoder, cfg.weight_decay), lr=cfg.lr)
@@ -288,6 +289,9 @@ def _setup_model(cfg: TrainConfig, model_path: str):
     if width is not None and cfg.dims and max(cfg.dims) > width:
         raise TrainingError(f"matryoshka_dims={cfg.matryoshka_dims!r} is invalid: the model's embeddings have "
                             f"{width} dimensions")
+    if width is not None and cfg.evaluation_dims and max(cfg.evaluation_dims) > width:
+        raise TrainingError(f"eval_dims={cfg.eval_dims or cfg.matryoshka_dims!r} is invalid: the model's embeddings "
+                            f"have {width} dimensions")
     return encoder, tokenizer
 
 
@@ -347,9 +351,11 @@ def sources_line(cfg: TrainConfig, sampler: GlobalBatchSampler, sources, names: 
                                          zip(names, examples, steps)))
 
 
-def _setup_evaluators(cfg: TrainConfig) -> tuple[list[Evaluator], str]:
-    """The evaluators of --eval-data (each named in the log) and the metric that picks best/."""
-    evaluators = build_evaluators(cfg.eval_data, cfg.max_seq_length)
+def _setup_evaluators(cfg: TrainConfig, width: int | None = None) -> tuple[list[Evaluator], str]:
+    """The evaluators of --eval-data (each named in the log, each scoring the --eval-dims sizes below the model's
+    width too) and the metric that picks best/."""
+    dims = tuple(d for d in cfg.evaluation_dims if width is None or d < width)
+    evaluators = build_evaluators(cfg.eval_data, cfg.max_seq_length, dims=tuple(sorted(set(dims), reverse=True)))
     for ev in evaluators:
         logger.info("evaluation: %s", ev.describe())
     if not evaluators:
@@ -476,7 +482,7 @@ def evaluate(t: Trainer) -> dict[str, float]:
     """Every evaluator's metrics as {"evaluator/metric": value}. Every process calls it: the evaluators encode
     in shards and combine through mnr.distributed, so all processes get the same numbers (and none waits alone)."""
     model = t.accelerator.unwrap_model(t.model)
-    return {f"{ev.name}/{metric}": value for ev in t.evaluators for metric, value in ev(model, t.tokenizer).items()}
+    return {key: value for ev in t.evaluators for key, value in ev.scores(model, t.tokenizer).items()}
 
 
 def _evaluate_and_log(t: Trainer, when: str | None) -> dict[str, float]:
@@ -494,7 +500,7 @@ def _evaluate_and_log(t: Trainer, when: str | None) -> dict[str, float]:
 
 
 def _is_main_metric(t: Trainer, name: str) -> bool:
-    return any(name == f"{ev.name}/{ev.main_metric}" for ev in t.evaluators)
+    return any(name == f"{label(ev.name, dim)}/{ev.main_metric}" for ev in t.evaluators for dim in (None, *ev.dims))
 
 
 def _shown(name: str, value: float) -> str:
@@ -524,6 +530,7 @@ def export(t: Trainer, path: Path, scores: dict[str, float] | None = None) -> No
     cfg = t.cfg
     user_length = cfg.max_seq_length if "max_seq_length" in getattr(cfg, "given", ()) else None
     save_model(t.accelerator.unwrap_model(t.model), t.tokenizer, path, user_length, card=_card_info(t, path, scores or {}))
+    record_dims(path, cfg.dims)  # the Matryoshka sizes, for `mnr.evaluate` and the card's truncate_dim
 
 
 def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:
@@ -546,6 +553,7 @@ def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:
                                                      "after": scores.get(name), "scale": 100 if metric == "spearman" else 1}
     datasets = [s.strip() for s in cfg.train_data.split(",") if s.strip()] if cfg.train_data else ["snli"]
     return {"datasets": datasets, "train_data": cfg.train_data or "the SNLI sample shipped in mnr/resources",
+            "matryoshka_dims": list(cfg.dims) or None,
             "data_stats": t.data_stats, "examples": t.examples, "steps": t.state.global_step,
             "settings": settings, "metrics": metrics, "path": str(path)}
 

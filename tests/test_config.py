@@ -65,11 +65,13 @@ def test_every_field_has_a_documented_flag():
 
 def test_bad_config_stops_before_any_model_is_loaded(capsys, monkeypatch):
     import mnr.model
+    import mnr.train  # imported before patching: its own `load_encoder` name is patched too, and restored after
 
     def boom(*a, **k):
         raise AssertionError("model loaded")
 
     monkeypatch.setattr(mnr.model, "load_encoder", boom)
+    monkeypatch.setattr(mnr.train, "load_encoder", boom)
     from mnr.train import main
 
     assert main(["--batch-size", "1"]) == 2

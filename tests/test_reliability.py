@@ -371,7 +371,8 @@ def test_resume_may_change_logging_eval_and_save_cadence(tmp_path, tiny_model, t
     out = tmp_path / "run"
     assert main(_args(tiny_model, train_file, out, "--max-steps", "3", "--save-steps", "1")) == 0
     assert main(_args(tiny_model, train_file, out, "--max-steps", "3", "--save-steps", "2", "--log-steps", "1",
-                      "--save-total-limit", "1", "--skip-nonfinite", "--resume", str(out / "checkpoint-2"))) == 0
+                      "--save-total-limit", "1", "--skip-nonfinite", "--eval-dims", "8",
+                      "--resume", str(out / "checkpoint-2"))) == 0
 
 
 def test_rotation_removes_the_abandoned_branch_first_and_never_what_it_just_saved():
