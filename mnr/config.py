@@ -181,6 +181,9 @@ class TrainConfig:
              "in --train-data, not both")
         need(not self.source_weights or len(_items(self.source_weights)) == len(specs), "source_weights",
              f"one weight per --train-data source ({len(specs)})")
+        need(not (self.mix_sources and (suffixed or self.source_weights)), "mix_sources",
+             "source weights (--source-weights or path*weight) choose the source of each batch; with "
+             "--mix-sources every batch mixes all sources, so they would be ignored: drop one of the two")
 
     @property
     def weights(self) -> list[float] | None:

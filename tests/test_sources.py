@@ -109,6 +109,8 @@ def test_a_source_smaller_than_one_global_batch_and_bad_weights_are_errors():
     (["--train-data", "a.tsv,b.tsv", "--source-weights", "1"], r"one weight per --train-data source \(2\)"),
     (["--train-data", "a.tsv*x,b.tsv"], "the weight 'x' after"),
     (["--train-data", "a.tsv*2,b.tsv", "--source-weights", "1,1"], "not both"),
+    (["--train-data", "a.tsv*2,b.tsv", "--mix-sources"], "mix_sources=True is invalid.*ignored"),
+    (["--train-data", "a.tsv,b.tsv", "--source-weights", "1,2", "--mix-sources"], "mix_sources=True is invalid"),
     (["--negatives-per-query", "0"], "negatives_per_query='0' is invalid"),
     (["--negatives-per-query", "many"], "negatives_per_query='many' is invalid"),
 ])
