@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -70,6 +71,10 @@ class TrainConfig:
     document_prompt: str | None = _f(None, "text put before every document (positives, negatives, a retrieval "
                                      "corpus), e.g. 'passage: '; default: the base model's 'document' (or "
                                      "'passage') prompt if it has one; '' for none")
+    source_prompts: str = _f("", "per-source prompts, one entry per --train-data source, as a JSON/YAML list of "
+                             "mappings, e.g. '[{}, {\"query\": \"query: \", \"document\": \"passage: \"}]'; a key "
+                             "left out takes --query-prompt / --document-prompt (used in training only: the saved "
+                             "model and the evaluators take the global prompts)")
     # optimisation
     batch_size: int = _f(32, "examples per process per step (the global batch is this x number of processes)")
     epochs: int = _f(1, "passes over the training data")
@@ -164,6 +169,7 @@ class TrainConfig:
              and int(self.negatives_per_query) >= 1), "negatives_per_query", "a whole number >= 1 or 'all'")
         parse_sampling(self.source_sampling)
         self._check_weights(need)
+        self.prompts_per_source(None, None, need)
         need(all(d.isdigit() and int(d) > 0 for d in _items(self.eval_dims))
              and len(set(_items(self.eval_dims))) == len(_items(self.eval_dims)), "eval_dims",
              "comma-separated positive whole numbers, each once, e.g. 384,128,32")
@@ -184,6 +190,24 @@ class TrainConfig:
         need(not (self.mix_sources and (suffixed or self.source_weights)), "mix_sources",
              "source weights (--source-weights or path*weight) choose the source of each batch; with "
              "--mix-sources every batch mixes all sources, so they would be ignored: drop one of the two")
+
+    def prompts_per_source(self, query: str | None, document: str | None, need=None) -> list[tuple[str, str]] | None:
+        """(query prompt, document prompt) of each --train-data source: its --source-prompts entry, else the
+        given global ones; None without --source-prompts.  `need` (validation): raise naming the value."""
+        if not self.source_prompts:
+            return None
+        try:
+            entries = json.loads(self.source_prompts)
+        except ValueError:
+            entries = None
+        n = len(_items(self.train_data))
+        ok = (isinstance(entries, list) and len(entries) == n and
+              all(isinstance(e, dict) and set(e) <= {"query", "document"} and
+                  all(isinstance(v, str) for v in e.values()) for e in entries))
+        if need is not None:
+            need(ok, "source_prompts", f"a JSON list of {n} mappings (one per --train-data source) with optional "
+                 f"'query' and 'document' strings")
+        return [(e.get("query", query or ""), e.get("document", document or "")) for e in entries] if ok else None
 
     @property
     def weights(self) -> list[float] | None:
@@ -251,7 +275,8 @@ FIELD_NAMES = set(FIELD_TYPES)
 HELP_GROUPS = {
     "data": ["train_data", "hard_negatives", "negatives_per_query", "source_sampling", "source_weights", "mix_sources",
              "max_seq_length", "cache_dir"],
-    "model": ["model", "trust_remote_code", "pooling", "query_prompt", "document_prompt"],
+    "model": ["model", "trust_remote_code", "pooling", "query_prompt", "document_prompt",
+              "source_prompts"],
     "optimisation": ["batch_size", "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
                      "scale", "symmetric", "matryoshka_dims", "matryoshka_weights", "mini_batch_size", "length_buckets", "length_grouping", "seed",
                      "skip_nonfinite"],
@@ -353,6 +378,8 @@ def _from_yaml(kind: type, value: Any) -> Any:
             return kind(value)
         except ValueError:
             return value  # left for the validation to name
+    if kind is str and isinstance(value, list) and any(isinstance(v, dict) for v in value):  # source_prompts
+        return json.dumps(value)
     if kind is str and isinstance(value, list):  # e.g. source_weights: [2, 1]
         return ",".join(map(str, value))
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):  # negatives_per_query: 3

@@ -126,6 +126,18 @@ class TokenStore:
 # ---------------------------------------------------------------------------------------------
 # fingerprint, open, validate
 
+Prompts = tuple[str, str] | list[tuple[str, str]]  # (query prompt, document prompt), or one pair per source
+
+
+def per_source(prompts, n_sources: int) -> list[tuple[str, str]]:
+    """One (query, document) prompt pair per source: a single pair is every source's."""
+    if isinstance(prompts, tuple):
+        return [prompts] * max(n_sources, 1)
+    if len(prompts) != n_sources:
+        raise DataError(f"{len(prompts)} prompt pairs for {n_sources} sources: give one per source")
+    return [tuple(p) for p in prompts]
+
+
 
 def tokenizer_identity(tokenizer) -> str:
     digest = hashlib.sha256()
@@ -148,13 +160,17 @@ def source_identity(spec: str) -> dict:
 
 
 def store_fingerprint(specs: list[str], hard_negatives: bool | None, tokenizer, max_seq_length: int,
-                      prompts: tuple[str, str] = ("", "")) -> tuple[str, dict]:
-    """(fingerprint, what it was made of); `prompts` = (query prompt, document prompt)."""
+                      prompts: Prompts = ("", "")) -> tuple[str, dict]:
+    """(fingerprint, what it was made of); `prompts` = (query prompt, document prompt), or one such pair per
+    source."""
     what = {"version": STORE_VERSION, "sources": [source_identity(s) for s in specs],
             "hard_negatives": hard_negatives, "tokenizer": tokenizer_identity(tokenizer),
             "max_seq_length": max_seq_length}
-    if any(prompts):  # without prompts a store is the one built before prompts existed: its fingerprint stays
-        what["prompts"] = {"query": prompts[0], "document": prompts[1]}
+    pairs = sorted(set(per_source(prompts, len(specs))))
+    if len(pairs) > 1:
+        what["prompts"] = [{"query": q, "document": d} for q, d in per_source(prompts, len(specs))]
+    elif any(pairs[0]):  # without prompts a store is the one built before prompts existed: its fingerprint stays
+        what["prompts"] = {"query": pairs[0][0], "document": pairs[0][1]}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24], what
 
 
@@ -194,14 +210,15 @@ class _TextTable:
     """Interns texts (prompt + text, by the role's prompt) by hash and tokenises each new one once, appending
     to tokens.bin in id order."""
 
-    def __init__(self, tokenizer, max_seq_length: int, directory: Path, prompts: tuple[str, str] = ("", "")):
+    def __init__(self, tokenizer, max_seq_length: int, directory: Path, prompts: list[tuple[str, str]]):
         self.tokenizer, self.max_seq_length = tokenizer, max_seq_length
         self.backend = backend_for(tokenizer, max_seq_length)
-        self.prompts = {QUERY: prompts[0], DOCUMENT: prompts[1]}
+        self.prompts = {QUERY: prompts[0][0], DOCUMENT: prompts[0][1]}  # the current source's (`use`)
+        self.per_source = prompts
         self.ids: dict[int, int] = {}  # 128-bit hash -> text id (integers only: no text is kept)
         # Different prompts: a text as query and as document get two ids; the id of the bare text of each
         # (raw_of[text id]) still finds an example with the same text twice (see `drop_same_text`).
-        self.raw: dict[int, int] | None = {} if prompts[0] != prompts[1] else None
+        self.raw: dict[int, int] | None = {} if len({p for pair in prompts for p in pair}) > 1 else None
         self.raw_of = array("q") if self.raw is not None else None
         self.pending: list[str] = []
         self.text_lengths = array("q")
@@ -209,6 +226,10 @@ class _TextTable:
         self.tokens = open(directory / "tokens.bin", "wb")
         self.pool = ThreadPoolExecutor(1)  # one writer keeps the order; the tokenizer itself uses every core
         self.inflight = None
+
+    def use(self, source: int) -> None:
+        """Prompt the texts that follow with this source's prompts."""
+        self.prompts = {QUERY: self.per_source[source][0], DOCUMENT: self.per_source[source][1]}
 
     def intern(self, text: str, role: int = DOCUMENT) -> int:
         prompted = self.prompts[role] + text
@@ -316,20 +337,22 @@ def _tokenizer_threads():
 
 
 def build_store(specs: list[str], tokenizer, max_seq_length: int, hard_negatives: bool | None, final: Path,
-                fingerprint: str, what: dict, prompts: tuple[str, str] = ("", "")) -> None:
+                fingerprint: str, what: dict, prompts: Prompts = ("", "")) -> None:
     """Read, dedupe, tokenise and write a store into a temporary directory, then rename it to `final`."""
     tmp = final.parent / f"{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     table = None
     try:
-        table = _TextTable(tokenizer, max_seq_length, tmp, prompts)
+        table = _TextTable(tokenizer, max_seq_length, tmp, per_source(prompts, len(specs)))
         stats = DataStats()
         with _tokenizer_threads():
             chunks, sources = [], []
-            for source, ids in iter_examples(specs, hard_negatives, stats, table.intern):
-                ids = table.drop_same_text(ids, stats)
-                chunks.append(ids.astype(np.int32))
-                sources.append(np.full(len(ids), source, dtype=np.int16))
+            for source, spec in enumerate(specs):  # one source at a time: each with its own prompts
+                table.use(source)
+                for _, ids in iter_examples([spec], hard_negatives, stats, table.intern):
+                    ids = table.drop_same_text(ids, stats)
+                    chunks.append(ids.astype(np.int32))
+                    sources.append(np.full(len(ids), source, dtype=np.int16))
             text_lengths = table.finish()
         if stats.examples == 0:
             raise no_examples_error(specs, stats)
@@ -367,7 +390,7 @@ def build_store(specs: list[str], tokenizer, max_seq_length: int, hard_negatives
 
 
 def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, hard_negatives: bool | None,
-                        cache_dir: str = "", prompts: tuple[str, str] = ("", "")) -> TokenStore:
+                        cache_dir: str = "", prompts: Prompts = ("", "")) -> TokenStore:
     """The token store of these sources, built if missing or damaged, then memory-mapped; `prompts` =
     (query prompt, document prompt), put before the anchors and before the positives and negatives.
 

@@ -34,7 +34,7 @@ from mnr.model import (ModelError, choose_pipeline, load_encoder, max_positions,
                        save_model)
 from mnr.reporting import LogWindow, MetricsLog, Progress, StopRequest, setup_logging
 from mnr.rundir import OutputDirError, open_output_dir, release_locks, write_marker
-from mnr.store import prepare_train_store
+from mnr.store import Prompts, prepare_train_store
 
 logger = logging.getLogger("mnr")
 MAX_SKIPPED_SHARE = 0.25  # --skip-nonfinite: stop once more than this share of the run's steps was skipped
@@ -241,6 +241,7 @@ def setup(cfg: TrainConfig) -> Trainer:
     set_seed(cfg.seed)
     encoder, tokenizer = _setup_model(cfg, model_path)
     prompts = (encoder.pipeline.query_prompt, encoder.pipeline.document_prompt)
+    prompts = cfg.prompts_per_source(*prompts) or prompts  # --source-prompts: each source's own, in training
     sampler, collator, examples, data_stats = _setup_data(cfg, train_spec, tokenizer, accelerator, prompts)
     k = collator.k or 0
     evaluators, best_metric = _setup_evaluators(cfg, getattr(encoder.config, "hidden_size", None))
@@ -295,7 +296,7 @@ def _setup_model(cfg: TrainConfig, model_path: str):
     return encoder, tokenizer
 
 
-def _setup_data(cfg: TrainConfig, train_spec: str, tokenizer, accelerator, prompts: tuple[str, str] = ("", "")
+def _setup_data(cfg: TrainConfig, train_spec: str, tokenizer, accelerator, prompts: Prompts = ("", "")
                 ) -> tuple[GlobalBatchSampler, Collator, int, str]:
     """Sources -> the memory-mapped token store (built once per filesystem) -> this process's sampler, collator."""
     # The main process builds the store first (a failure stops every process with its message); the others then

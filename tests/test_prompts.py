@@ -196,3 +196,38 @@ def test_a_run_trains_with_prompts_and_pooling_and_records_them(tmp_path, tiny_m
 
     identity = run_identity(parse_config([]), 1, str(st_base(tiny_model, tmp_path / "base")), str(nli_file), "none")
     assert (identity["pooling"], identity["query_prompt"], identity["document_prompt"]) == ("cls", "query: ", "")
+
+
+def test_each_source_takes_its_own_prompts(tmp_path, tiny_model):
+    """--source-prompts: each source's texts with its own prompts (a key left out takes the global prompt);
+    the bare-text rule still joins one text across sources; bad entries name the value."""
+    from transformers import AutoTokenizer
+
+    from mnr.config import ConfigError, TrainConfig, parse_config
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    a = write_tsv(tmp_path / "a.tsv", ["anchor", "positive"], [["a man is playing", "a dog is running outside"],
+                                                               ["two children sitting", "the red car"]])
+    b = write_tsv(tmp_path / "b.tsv", ["anchor", "positive"], [["what is a dog", "a man is playing"],
+                                                               ["where is the car", "a blue house near the tree"]])
+    cfg = parse_config(["--train-data", f"{a},{b}", "--source-prompts", '[{}, {"query": "q: "}]'])
+    prompts = cfg.prompts_per_source("query: ", "passage: ")
+    assert prompts == [("query: ", "passage: "), ("q: ", "passage: ")]
+    store = prepare_train_store([str(a), str(b)], tok, 32, None, str(tmp_path / "cache"), prompts)
+    one = prepare_train_store([str(a), str(b)], tok, 32, None, str(tmp_path / "cache"), ("query: ", "passage: "))
+    assert store.path != one.path  # the per-source prompts are in the fingerprint
+
+    def text(t):
+        return tok.decode(store.token_ids[t], skip_special_tokens=True)
+
+    rows = store.text_ids.tolist()
+    assert [text(t) for t in rows[0]] == ["query : a man is playing", "passage : a dog is running outside"]
+    assert [text(t) for t in rows[2]] == ["q : what is a dog", "passage : a man is playing"]
+    assert store.same_text_ids()[2][1] == store.same_text_ids()[0][0]  # one bare text, across sources
+    assert TrainConfig().prompts_per_source("x", "y") is None
+    for bad in ['[{"query": "q: "}]', '[{}, {"title": "t"}]', "not json", '[{}, {"query": 3}]']:
+        with pytest.raises(ConfigError, match="source_prompts=.* is invalid"):
+            parse_config(["--train-data", f"{a},{b}", "--source-prompts", bad])
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(f"train_data: [{a}, {b}]\nsource_prompts:\n  - {{}}\n  - {{query: 'q: '}}\n")
+    assert parse_config(["--config", str(yaml_file)]).prompts_per_source("", "") == [("", ""), ("q: ", "")]
