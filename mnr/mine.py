@@ -8,7 +8,7 @@ Every query (distinct anchor) is embedded with the model, every corpus text too 
 texts of --corpus), and the corpus is searched exactly (`mnr.retrieval.top_k`: one block of scores at a time).
 The options mean what they mean in sentence-transformers' `mine_hard_negatives`:
   * candidates are the corpus texts by descending cosine, without the anchor's positives, any text identical
-    to one of them (the corpus is de-duplicated by text) and the anchor's own text;
+    to one of them or to the anchor, ignoring case, spacing and trailing punctuation (`same_text_key`);
   * --margin M drops a candidate scoring above (positive score - M), --relative-margin R one scoring above
     (positive score - |positive score| x R) (the false-negative guard); an anchor with several positives is
     compared with the lowest of their scores;
@@ -94,12 +94,22 @@ class Problem:
     positives: list[list[int]]  # per query: its positives' corpus indices
 
 
+def same_text_key(text: str) -> str:
+    """Texts with equal keys count as the same text for the exclusions: case, runs of spaces and trailing
+    punctuation do not make a positive's copy a negative ("A woman is running." vs "a woman is running")."""
+    return " ".join(text.casefold().split()).rstrip(" .!?;,:")
+
+
 def build_problem(anchors: list[str], positives: list[str], corpus: list[str] = ()) -> Problem:
     """Queries = distinct anchors (first-appearance order); corpus = the positives, then the other corpus texts,
-    each text once (so a text identical to a positive *is* that positive and is excluded with it)."""
+    each text once.  Excluded for a query: every corpus text that is the same text (`same_text_key`) as one of
+    its positives or as the query itself."""
     doc_index: dict[str, int] = {}
     for text in [*positives, *corpus]:
         doc_index.setdefault(text, len(doc_index))
+    same: dict[str, list[int]] = {}
+    for text, d in doc_index.items():
+        same.setdefault(same_text_key(text), []).append(d)
     query_index: dict[str, int] = {}
     pair_query = [query_index.setdefault(a, len(query_index)) for a in anchors]
     pair_positive = [doc_index[p] for p in positives]
@@ -107,9 +117,10 @@ def build_problem(anchors: list[str], positives: list[str], corpus: list[str] = 
     for q, d in zip(pair_query, pair_positive):
         if d not in query_positives[q]:
             query_positives[q].append(d)
-    excluded = [pos + ([doc_index[a]] if a in doc_index and doc_index[a] not in pos else [])
+    docs = list(doc_index)
+    excluded = [list(dict.fromkeys(d for t in [a, *(docs[i] for i in pos)] for d in same.get(same_text_key(t), [])))
                 for a, pos in zip(query_index, query_positives)]
-    return Problem(list(query_index), list(doc_index), pair_query, pair_positive, excluded, query_positives)
+    return Problem(list(query_index), docs, pair_query, pair_positive, excluded, query_positives)
 
 
 # ---------------------------------------------------------------------------------------------

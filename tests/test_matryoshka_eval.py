@@ -104,3 +104,28 @@ def test_eval_dims_without_matryoshka_and_bad_values_are_one_line(tmp_path, tiny
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert "sts@8/spearman" in last and trained_dims(out) == ()
     assert "truncate_dim" not in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_numbers_at_every_size(tmp_path, tiny_model, sts_file, nli_file):
+    from test_distributed import MULTI_GPU, launch
+
+    from mnr.evaluate import main as evaluate_main
+
+    args = [str(tiny_model), "--data", f"{sts_file},{nli_file}", "--eval-dims", "16,8", "--json",
+            "--max-seq-length", "32", "--batch-size", "4"]
+    proc = launch(MULTI_GPU, ["-m", "mnr.evaluate", *args], tmp_path)
+    two = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert two["processes"] == 2
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert evaluate_main(args) == 0
+    one = json.loads(buffer.getvalue())
+    assert set(one["results"]) == set(two["results"]) == {"sts", "sts@16", "sts@8", "nli", "nli@16", "nli@8"}
+    for name, res in one["results"].items():
+        for metric, value in res.items():
+            if isinstance(value, float):
+                assert abs(value - two["results"][name][metric]) < 1e-6, (name, metric)

@@ -14,7 +14,8 @@ from mnr.data import DataError, load_examples
 from mnr.mine import MineOptions, build_problem, main, memory_bytes, mine
 
 # Toy embeddings on the unit circle: score(q, text) = cos(angle difference), so the ranking is known.
-ANGLES = {"q": 0, "p": 10, "d1": 5, "d2": 20, "d3": 30, "d4": 40, "d5": 50, "r": 90, "rp": 95}
+ANGLES = {"q": 0, "p": 10, "d1": 5, "d2": 20, "d3": 30, "d4": 40, "d5": 50, "r": 90, "rp": 95,
+          "P.": 11, "Q ": 1}
 
 
 def embed(texts: list[str]) -> torch.Tensor:
@@ -39,6 +40,13 @@ def test_positive_duplicates_and_the_query_itself_are_never_mined():
     result = run(MineOptions(num_negatives=3), corpus=("p", "q", "d1", "d2", "d3"))
     assert negatives(result) == ["d1", "d2", "d3"]
     assert result.summary["corpus"] == 5  # p, q, d1, d2, d3: "p" once
+
+
+def test_case_spacing_and_trailing_punctuation_variants_count_as_the_same_text():
+    # "P." is "p" in another case with a full stop, "Q " the query with a trailing space: never negatives
+    result = run(MineOptions(num_negatives=2), corpus=("P.", "Q ", "d1", "d2"))
+    assert negatives(result) == ["d1", "d2"]
+    assert result.summary["corpus"] == 5  # still distinct texts in the corpus (and in the output)
 
 
 def test_absolute_margin_drops_candidates_too_close_to_the_positive():
