@@ -466,6 +466,22 @@ def _repeats_a_text(ids: np.ndarray) -> np.ndarray:
     return bad
 
 
+def map_ids(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """`table[id]` for every text id of `ids`, the empty (NO_TEXT) slots kept as they are."""
+    ids = np.asarray(ids)
+    return np.where(ids == NO_TEXT, NO_TEXT, np.asarray(table)[np.maximum(ids, 0)])
+
+
+def drop_repeats(ids: np.ndarray, stats: DataStats, compared: np.ndarray | None = None) -> np.ndarray:
+    """`ids` without the examples that hold one text twice, counted as skipped; `compared` (same shape): other
+    ids of the same texts to compare instead (e.g. the bare texts behind prompted ids)."""
+    bad = _repeats_a_text(ids if compared is None else compared)
+    if not bad.any():
+        return ids
+    stats.skip("same text twice in one example", int(bad.sum()))
+    return ids[~bad]
+
+
 def iter_examples(specs: str | list[str], hard_negatives: bool | None, stats: DataStats,
                   intern: Callable[[str, int], int]) -> Iterator[tuple[int, np.ndarray]]:
     """Every source read as a stream: (source index, (rows, 2 + negatives) text ids) chunks, with counted skips
@@ -479,10 +495,7 @@ def iter_examples(specs: str | list[str], hard_negatives: bool | None, stats: Da
         chunks = (nli_examples(rows, hard_negatives is not False, stats, intern) if schema == "nli"
                   else pair_examples(spec, rows, bool(hard_negatives), negatives, stats, intern))
         for ids in chunks:
-            bad = _repeats_a_text(ids)
-            if bad.any():
-                stats.skip("same text twice in one example", int(bad.sum()))
-                ids = ids[~bad]
+            ids = drop_repeats(ids, stats)
             stats.examples += len(ids)
             if len(ids):
                 yield source, ids

@@ -43,8 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mnr.data import (DOCUMENT, NO_TEXT, QUERY, DataError, DataStats, default_cache_dir, is_local, iter_examples,
-                      load_hub, no_examples_error, pad_rows, split_specs)
+from mnr.data import (DOCUMENT, NO_TEXT, QUERY, DataError, DataStats, default_cache_dir, drop_repeats, is_local,
+                      iter_examples, load_hub, map_ids, no_examples_error, pad_rows, split_specs)
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +117,7 @@ class TokenStore:
         (two ids when the prompts differ) is still never in one batch twice.  `text_ids` itself without prompts."""
         if not self.manifest.get("prompted"):
             return self.text_ids
-        ids = np.asarray(self.text_ids)
-        return np.where(ids == NO_TEXT, NO_TEXT, np.asarray(self.bare_text)[np.maximum(ids, 0)])
+        return map_ids(self.text_ids, self.bare_text)
 
     def negatives_per_example(self) -> np.ndarray:
         return (np.asarray(self.text_ids[:, 2:]) != NO_TEXT).sum(axis=1)
@@ -280,15 +279,9 @@ class _TextTable:
         prompts gave different ids), the rest counted as skipped."""
         if self.raw_of is None:
             return ids
-        raw = np.frombuffer(self.raw_of, dtype=np.int64)[ids]
-        empty = ids == NO_TEXT  # empty negative slots: distinct values below every id, never "the same text"
-        raw = np.sort(np.where(empty, -1 - np.arange(ids.shape[1]), raw), axis=1)
-        ok = (raw[:, 1:] != raw[:, :-1]).all(axis=1)
-        if ok.all():
-            return ids
-        stats.skip("same text twice in one example", int((~ok).sum()))
-        stats.examples -= int((~ok).sum())
-        return ids[ok]
+        kept = drop_repeats(ids, stats, map_ids(ids, np.frombuffer(self.raw_of, dtype=np.int64)))
+        stats.examples -= len(ids) - len(kept)  # iter_examples counted them before the bare texts were compared
+        return kept
 
     def abort(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
