@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -189,8 +188,7 @@ def main() -> None:
     p.add_argument("--throughput-corpus", type=int, default=2000)
     p.add_argument("--throughput-only", action="store_true", help="run (c) only")
     args = p.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="mnr-mining-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = common.work_dir(args.workdir, "mnr-mining-")
     model = common.minilm_path()
     print(f"machine: {common.machine()}", flush=True)
     from mnr.mine import memory_bytes

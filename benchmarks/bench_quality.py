@@ -13,7 +13,6 @@ import argparse
 import json
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,8 +40,7 @@ def main() -> None:
     p.add_argument("--workdir", default="", help="where data, models and logs go (default: a temp dir)")
     p.add_argument("--results", default="", help="append one JSON line per finished run here")
     args = p.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="mnr-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = common.work_dir(args.workdir, "mnr-quality-")
     model = common.minilm_path()
     print(f"machine: {common.machine()}\nworkdir: {work}", flush=True)
     base = score(model)

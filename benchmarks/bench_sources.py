@@ -20,7 +20,6 @@ import csv
 import gzip
 import json
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -98,8 +97,7 @@ def main() -> None:
     if not (common.NLI_DIR.is_dir() and STSB_TRAIN.is_file()):
         print(f"skipped: the shared data ({common.SHARED_DATA}) is absent; set MNR_SHARED_DATA")
         return
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="mnr-sources-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = common.work_dir(args.workdir, "mnr-sources-")
     model = common.minilm_path()
     print(f"machine: {common.machine()}\nworkdir: {work}", flush=True)
     data = write_data(work)

@@ -17,7 +17,6 @@ import json
 import shlex
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,8 +39,7 @@ def main() -> None:
     p.add_argument("--workdir", default="")
     p.add_argument("--json", default="", help="also write all runs here")
     args = p.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="mnr-throughput-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = common.work_dir(args.workdir, "mnr-throughput-")
     model = common.minilm_path()
     data = work / "pairs.tsv"
     n = common.write_examples(data, hard_negatives=False)

@@ -112,3 +112,12 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
+def work_dir(given: str, prefix: str) -> Path:
+    """A benchmark's working directory: `given` (created if missing), else a new temporary one."""
+    import tempfile
+
+    work = Path(given or tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    return work
