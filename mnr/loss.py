@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from mnr.matryoshka import cut
+
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -81,15 +83,12 @@ def mnr_loss(
         raise ValueError(f"dim_weights has {len(weights)} values for {len(dims)} dims")
     loss = anchors.new_zeros(())
     for dim, weight in zip(dims, weights):
-        def cut(t: torch.Tensor) -> torch.Tensor:
-            return F.normalize(t[:, :dim], dim=-1)
-
-        candidates = cut(all_positives)  # (N*B, dim)
+        candidates = cut(all_positives, dim)  # (N*B, dim)
         if all_negatives is not None:
-            candidates = torch.cat([candidates, cut(all_negatives)], dim=0)  # ((1+k)*N*B, dim)
-        at_dim = ranking_loss(cut(anchors), candidates, scale, offset, mask)
+            candidates = torch.cat([candidates, cut(all_negatives, dim)], dim=0)  # ((1+k)*N*B, dim)
+        at_dim = ranking_loss(cut(anchors, dim), candidates, scale, offset, mask)
         if symmetric:
-            at_dim = (at_dim + ranking_loss(cut(positives), cut(all_anchors), scale, offset)) / 2
+            at_dim = (at_dim + ranking_loss(cut(positives, dim), cut(all_anchors, dim), scale, offset)) / 2
         loss = loss + weight * at_dim
     return loss
 
