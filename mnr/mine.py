@@ -273,7 +273,7 @@ def summarize(problem: Problem, sel: Selection, positive_scores: list[float], ro
 # files
 
 
-def negative_columns(k: int) -> list[str]:
+def output_negative_columns(k: int) -> list[str]:
     return ["negative"] if k == 1 else [f"negative_{i}" for i in range(1, k + 1)]
 
 
@@ -287,7 +287,7 @@ def output_kind(path: str) -> str:
 
 def write_rows(path: str, rows: list[list[str]], k: int) -> None:
     """TSV (no quoting: a text holding a tab or newline is an error, use .jsonl) or JSONL."""
-    header = ["anchor", "positive", *negative_columns(k)]
+    header = ["anchor", "positive", *output_negative_columns(k)]
     kind = output_kind(path)
     if kind == "tsv":
         bad = next((t for row in rows for t in row if "\t" in t or "\n" in t or "\r" in t), None)
