@@ -123,20 +123,6 @@ def run_on_main(fn, share: bool = False):
     return shared if share else result
 
 
-def main_first(fn):
-    """fn() on the main process, then (if it succeeded) on the others, e.g. the main one fills a cache the others
-    read; the first failure is raised on every process."""
-    result = run_on_main(fn)
-    error = None
-    if not is_main():
-        try:
-            result = fn()
-        except Exception as err:
-            error = err
-    raise_first(all_gather_object(error))
-    return result
-
-
 def shutdown() -> None:
     """Leave the process group without a collective (after an error every process reports and exits).
     Unreachable objects (a failed run's DDP model and its pending work) are collected first, while the

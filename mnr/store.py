@@ -10,9 +10,12 @@ Layout of one store (a directory `store-<fingerprint>` in the cache dir):
   manifest.json         counts, file sizes, data stats and what the fingerprint was made of
 
 Invariants:
-  * Built once, by one process per filesystem (a file lock; the others wait for it, then map the result),
-    into a temporary directory renamed into place only when complete: a crash or Ctrl-C mid-build leaves
-    nothing that a later run trusts.  A store whose manifest or file sizes do not match is rebuilt.
+  * Built once per filesystem (a file lock; other launches wait for it, then map the result), into a temporary
+    directory renamed into place only when complete: a crash or Ctrl-C mid-build leaves nothing that a later
+    run trusts.  A store whose manifest or file sizes do not match is rebuilt.
+  * The machines of a launch whose cache dirs are one directory build it together (`prepare_train_store`):
+    the first process of each machine tokenises a share of the texts (chunk c is machine c % n's), the leader
+    joins the shares in text-id order.  The files are byte for byte those of a build in one process.
   * The fingerprint covers the sources (path, size and mtime of local files; `datasets`' fingerprint of hub
     splits; their order, not their `*weight`), the hard-negatives mode (on, off, auto), the tokenizer (class,
     vocabulary, lower-casing), max_seq_length and the query/document prompts.
@@ -38,8 +41,10 @@ import uuid
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -49,7 +54,9 @@ from mnr.data import (DOCUMENT, NO_TEXT, QUERY, DataError, DataStats, default_ca
 logger = logging.getLogger(__name__)
 
 STORE_VERSION = 3  # 2: k negatives per example (-1 padded) and sources.npy; 3: bare_text.npy
-TOKENISE_CHUNK = 20_000  # texts per tokenizer call: big enough for its thread pool, small enough to overlap reading
+# texts per tokenizer call: big enough for its thread pool, small enough to overlap reading and to share the work
+# between machines evenly ($MNR_TOKENISE_CHUNK sets it)
+TOKENISE_CHUNK = int(os.environ.get("MNR_TOKENISE_CHUNK") or 20_000)
 FILES = ("tokens.bin", "offsets.bin", "examples.npy", "sources.npy", "lengths.npy", "bare_text.npy")
 
 
@@ -206,11 +213,23 @@ def _hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest(), "little")
 
 
-class _TextTable:
-    """Interns texts (prompt + text, by the role's prompt) by hash and tokenises each new one once, appending
-    to tokens.bin in id order."""
+def _part(kind: str, member: int) -> str:
+    """Files of a split build in its temporary directory: `text-<m>.bin` / `text-<m>.off` (the UTF-8 texts of
+    member m's chunks and their int64 byte offsets), `tok-<m>.bin` / `len-<m>.npy` (their token ids, lengths)."""
+    return f"{kind}-{member}." + ("npy" if kind == "len" else "off" if kind == "off" else "bin")
 
-    def __init__(self, tokenizer, max_seq_length: int, directory: Path, prompts: list[tuple[str, str]]):
+
+class _TextTable:
+    """Interns texts (prompt + text, by the role's prompt) by hash and tokenises each new one once, in id order.
+
+    New texts go out in chunks of TOKENISE_CHUNK.  With one member (a build in one machine) every chunk is
+    tokenised here on a background thread, straight into tokens.bin, while the next rows are read.  With
+    `members` > 1 (a build split over machines) chunk c is written out as UTF-8 for member c % members to
+    tokenise once the reading is done (`tokenise_share`), this process's share (member 0) included: reading
+    never waits for tokenising, so the other machines start as early as they can."""
+
+    def __init__(self, tokenizer, max_seq_length: int, directory: Path, prompts: list[tuple[str, str]],
+                 members: int = 1):
         self.tokenizer, self.max_seq_length = tokenizer, max_seq_length
         self.backend = backend_for(tokenizer, max_seq_length)
         self.prompts = {QUERY: prompts[0][0], DOCUMENT: prompts[0][1]}  # the current source's (`use`)
@@ -223,7 +242,11 @@ class _TextTable:
         self.pending: list[str] = []
         self.text_lengths = array("q")
         self.n_tokens = 0
-        self.tokens = open(directory / "tokens.bin", "wb")
+        self.members, self.chunk_sizes = members, []
+        self.tokens = open(directory / "tokens.bin", "wb") if members == 1 else None
+        self.spills = {m: (open(directory / _part("text", m), "wb"), array("q", [0]))
+                       for m in range(members)} if members > 1 else {}
+        self.directory = directory
         self.pool = ThreadPoolExecutor(1)  # one writer keeps the order; the tokenizer itself uses every core
         self.inflight = None
 
@@ -246,6 +269,13 @@ class _TextTable:
 
     def _flush(self) -> None:
         texts, self.pending = self.pending, []
+        member = len(self.chunk_sizes) % self.members
+        self.chunk_sizes.append(len(texts))
+        if self.members > 1:
+            fh, ends = self.spills[member]
+            for text in texts:
+                ends.append(ends[-1] + fh.write(text.encode("utf-8")))
+            return
         if self.inflight is not None:
             self.inflight.result()  # at most one chunk in flight: memory stays one chunk
         self.inflight = self.pool.submit(self._write, texts)
@@ -256,14 +286,24 @@ class _TextTable:
         self.text_lengths.extend(lengths.tolist())
         self.n_tokens += len(values)
 
-    def finish(self) -> np.ndarray:
-        """Tokenise what is left, close tokens.bin; returns the (n_texts,) token lengths."""
+    def close_reading(self) -> None:
+        """The last rows are read: send out the last chunk and close the members' text files (in one machine,
+        the last chunks may still be tokenising: `finish`)."""
         if self.pending:
             self._flush()
+        for member, (fh, ends) in self.spills.items():
+            fh.close()
+            np.frombuffer(ends, dtype=np.int64).tofile(self.directory / _part("off", member))
+        self.spills = {}
+
+    def finish(self) -> np.ndarray:
+        """Tokenise what is left of the chunks tokenised here, close tokens.bin; returns their token lengths."""
+        self.close_reading()
         if self.inflight is not None:
             self.inflight.result()
         self.pool.shutdown()
-        self.tokens.close()
+        if self.tokens is not None:
+            self.tokens.close()
         self.ids.clear()
         self.raw = None
         return np.frombuffer(self.text_lengths, dtype=np.int64) if self.text_lengths else np.empty(0, np.int64)
@@ -285,7 +325,10 @@ class _TextTable:
 
     def abort(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-        self.tokens.close()
+        if self.tokens is not None:
+            self.tokens.close()
+        for fh, _ in self.spills.values():
+            fh.close()
 
 
 def backend_for(tokenizer, max_seq_length: int):
@@ -316,6 +359,54 @@ def encode(tokenizer, texts: list[str], max_seq_length: int, backend=None) -> tu
     return values, lengths
 
 
+def tokenise_share(directory: Path, member: int, tokenizer, max_seq_length: int) -> int:
+    """Member `member`'s part of a split build: tokenise the texts the builder wrote out for it (`text-<m>.*` in
+    the build's temporary directory) into `tok-<m>.bin` and `len-<m>.npy`; returns how many texts."""
+    ends = np.fromfile(directory / _part("off", member), dtype=np.int64)
+    blob = np.memmap(directory / _part("text", member), dtype=np.uint8, mode="r") if ends[-1] else b""
+    backend = backend_for(tokenizer, max_seq_length)
+    lengths = []
+    with _tokenizer_threads(), open(directory / _part("tok", member), "wb") as out:
+        for start in range(0, len(ends) - 1, TOKENISE_CHUNK):
+            bounds = ends[start:start + TOKENISE_CHUNK + 1] - ends[start]
+            raw = bytes(blob[ends[start]:ends[start] + bounds[-1]])
+            bounds = bounds.tolist()
+            texts = [raw[a:b].decode("utf-8") for a, b in zip(bounds, bounds[1:])]
+            values, chunk_lengths = encode(tokenizer, texts, max_seq_length, backend)
+            out.write(values.tobytes())
+            lengths.append(chunk_lengths)
+    np.save(directory / _part("len", member), np.concatenate(lengths) if lengths else np.empty(0, np.int64))
+    return len(ends) - 1
+
+
+def _assemble(directory: Path, chunk_sizes: list[int], members: int) -> np.ndarray:
+    """A split build's token files joined into tokens.bin in text-id order (chunk c is member c % members's);
+    returns the (n_texts,) token lengths.  The part files are removed."""
+    lengths = [np.load(directory / _part("len", m)) for m in range(members)]
+    tokens = [np.memmap(directory / _part("tok", m), dtype=np.int32, mode="r")
+              if (directory / _part("tok", m)).stat().st_size else np.empty(0, np.int32) for m in range(members)]
+    for m in range(members):  # a damaged or foreign part would shift every text after it
+        given = sum(chunk_sizes[m::members])
+        if len(lengths[m]) != given or int(lengths[m].sum()) != len(tokens[m]):
+            raise DataError(f"split store build: machine {m} was given {given} texts and returned {len(lengths[m])} "
+                            f"lengths summing to {int(lengths[m].sum())} tokens, with {len(tokens[m])} tokens")
+    text_at, token_at = [0] * members, [0] * members
+    out_lengths = []
+    with open(directory / "tokens.bin", "wb") as out:
+        for c, n in enumerate(chunk_sizes):
+            m = c % members
+            chunk = lengths[m][text_at[m]:text_at[m] + n]
+            k = int(chunk.sum())
+            out.write(tokens[m][token_at[m]:token_at[m] + k].tobytes())
+            text_at[m] += n
+            token_at[m] += k
+            out_lengths.append(chunk)
+    for m in range(members):
+        for kind in ("text", "off", "tok", "len"):
+            (directory / _part(kind, m)).unlink(missing_ok=True)
+    return np.concatenate(out_lengths) if out_lengths else np.empty(0, np.int64)
+
+
 @contextmanager
 def _no_cyclic_gc():
     """The cyclic garbage collector off while reading: the build allocates millions of short-lived containers
@@ -344,43 +435,61 @@ def _tokenizer_threads():
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
-def build_store(specs: list[str], tokenizer, max_seq_length: int, hard_negatives: bool | None, final: Path,
-                fingerprint: str, what: dict, prompts: Prompts = ("", "")) -> None:
-    """Read, dedupe, tokenise and write a store into a temporary directory, then rename it to `final`."""
-    tmp = final.parent / f"{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    table = None
-    try:
-        table = _TextTable(tokenizer, max_seq_length, tmp, per_source(prompts, len(specs)))
-        stats = DataStats()
-        with _tokenizer_threads(), _no_cyclic_gc():
-            chunks, sources = [], []
-            for source, spec in enumerate(specs):  # one source at a time: each with its own prompts
-                table.use(source)
-                for _, ids in iter_examples([spec], hard_negatives, stats, table.intern):
-                    ids = table.drop_same_text(ids, stats)
-                    chunks.append(ids.astype(np.int32))
-                    sources.append(np.full(len(ids), source, dtype=np.int16))
-            text_lengths = table.finish()
-        if stats.examples == 0:
-            raise no_examples_error(specs, stats)
-        if len(text_lengths) >= 2**31:
-            raise DataError(f"{len(text_lengths)} distinct texts: more than a 32-bit text id can name")
-        examples = pad_rows(chunks, np.int32)
-        del chunks
+class _Build:
+    """One store build in a temporary directory beside `final`, in three steps: `read` (stream, dedupe; in one
+    machine tokenise while reading, split over machines write out each member's texts), `wait` (this process's
+    tokenising done), `finish` (join the members' token files, write the arrays and the manifest, rename to
+    `final`).  `abort` removes it."""
+
+    def __init__(self, final: Path, members: int = 1):
+        self.final, self.members = final, members
+        self.tmp = final.parent / f"{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir(parents=True)
+        self.table: _TextTable | None = None
+
+    def read(self, specs: list[str], tokenizer, max_seq_length: int, hard_negatives: bool | None,
+             prompts: Prompts) -> None:
+        self.specs, self.stats = specs, DataStats()
+        self.table = _TextTable(tokenizer, max_seq_length, self.tmp, per_source(prompts, len(specs)), self.members)
+        chunks, sources = [], []
+        for source, spec in enumerate(specs):  # one source at a time: each with its own prompts
+            self.table.use(source)
+            for _, ids in iter_examples([spec], hard_negatives, self.stats, self.table.intern):
+                ids = self.table.drop_same_text(ids, self.stats)
+                chunks.append(ids.astype(np.int32))
+                sources.append(np.full(len(ids), source, dtype=np.int16))
+        self.table.close_reading()
+        if self.stats.examples == 0:
+            raise no_examples_error(specs, self.stats)
+        if len(self.table.ids) >= 2**31:
+            raise DataError(f"{len(self.table.ids)} distinct texts: more than a 32-bit text id can name")
+        self.examples = pad_rows(chunks, np.int32)
+        self.sources = np.concatenate(sources)
+
+    def wait(self) -> None:
+        """In one machine: the last chunks tokenised; split: this process's share (member 0) tokenised."""
+        self.own_lengths = self.table.finish()
+        if self.members > 1:
+            tokenise_share(self.tmp, 0, self.table.tokenizer, self.table.max_seq_length)
+
+    def finish(self, fingerprint: str, what: dict) -> None:
+        tmp, examples, stats = self.tmp, self.examples, self.stats
+        text_lengths = self.own_lengths if self.members == 1 else \
+            _assemble(tmp, self.table.chunk_sizes, self.members)
         offsets = np.zeros(len(text_lengths) + 1, dtype=np.int64)
         np.cumsum(text_lengths, out=offsets[1:])
         offsets.tofile(tmp / "offsets.bin")
         np.save(tmp / "examples.npy", examples)
-        np.save(tmp / "sources.npy", np.concatenate(sources))
-        np.save(tmp / "bare_text.npy", table.bare_text(len(text_lengths)))
+        np.save(tmp / "sources.npy", self.sources)
+        np.save(tmp / "bare_text.npy", self.table.bare_text(len(text_lengths)))
         lengths = np.where(examples == NO_TEXT, 0, np.append(text_lengths, 0)[examples]).max(axis=1)
         np.save(tmp / "lengths.npy", lengths.astype(np.int32))
         manifest = {"fingerprint": fingerprint, "version": STORE_VERSION, "n_examples": len(examples),
-                    "sources": specs, "prompted": table.raw_of is not None,
+                    "sources": self.specs, "prompted": self.table.raw_of is not None,
                     "n_roles": examples.shape[1], "n_texts": len(text_lengths), "n_tokens": int(offsets[-1]),
                     "sizes": {name: (tmp / name).stat().st_size for name in FILES},
                     "stats": {"rows": stats.rows, "examples": stats.examples, "skipped": dict(stats.skipped)},
+                    "built_by": {"machines": self.members, "texts": self.texts_per_member()},
                     "built_from": what}
         for name in FILES:  # on disk before the manifest that vouches for them
             with open(tmp / name, "rb+") as fh:
@@ -389,48 +498,165 @@ def build_store(specs: list[str], tokenizer, max_seq_length: int, hard_negatives
             json.dump(manifest, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        if table is not None:
-            table.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.replace(tmp, self.final)
+
+    def texts_per_member(self) -> list[int]:
+        sizes = self.table.chunk_sizes
+        return [sum(sizes[m::self.members]) for m in range(self.members)]
+
+    def abort(self) -> None:
+        if self.table is not None:
+            self.table.abort()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare: every process of a launch calls it together
+
+
+def _alone(obj) -> list:
+    return [obj]
+
+
+@dataclass
+class Team:
+    """The processes of one launch, as the store needs them: this one's `rank`, whether it is the first process
+    of its machine (`local_main`: only those build or tokenise), and `gather(obj)`, a collective that every
+    process calls with a picklable object and that returns all of them in rank order.  The default is a single
+    process."""
+
+    rank: int = 0
+    local_main: bool = True
+    gather: Callable[[object], list] = _alone
+
+
+def _together(team: Team, fn):
+    """fn() on this process, then one gather: every process gets every process's result, or the first failure
+    of any process is raised on all of them (no process is left waiting in a collective)."""
+    try:
+        out, error = fn(), None
+    except Exception as err:  # raised below, on every process
+        out, error = None, err
+    gathered = team.gather((out, error))
+    for _, err in gathered:
+        if err is not None:
+            raise err
+    return [o for o, _ in gathered]
+
+
+def _builders(team: Team, cache: Path) -> list[int]:
+    """The ranks that build this process's store together: the first process of each machine whose cache dir is
+    the same directory as this one's (seen through a probe file each of them leaves); [] for a process that is
+    not the first of its machine.  The lowest rank of them leads."""
+    probe = cache / f".probe-{uuid.uuid4().hex}" if team.local_main else None
+
+    def leave_probe():
+        if probe is not None:
+            try:
+                probe.touch()
+            except OSError as err:
+                raise DataError(f"cannot write to the token cache dir {cache} ({err.strerror}); "
+                                f"pass a writable --cache-dir") from None
+        return probe and probe.name
+
+    names = _together(team, leave_probe)
+    try:
+        views = _together(team, lambda: [r for r, name in enumerate(names)
+                                         if name and (cache / name).exists()] if team.local_main else [])
+    finally:
+        if probe is not None:
+            probe.unlink(missing_ok=True)
+    if not team.local_main:
+        return []
+    leader = min(views[team.rank])
+    return [r for r, seen in enumerate(views) if seen and min(seen) == leader]
+
+
+def _replace_stale(final: Path, fingerprint: str) -> bool:
+    """Under the store's lock: False when `final` is complete (another launch built it); else True, with a damaged
+    store and the temporary dirs of killed builds removed."""
+    problem = check_store(final, fingerprint)
+    if problem is None:
+        return False
+    if final.exists():
+        logger.warning("token store %s cannot be trusted (%s): rebuilding it", final, problem)
+        trash = final.parent / f"{final.name}.bad-{uuid.uuid4().hex[:8]}"
+        os.replace(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    for stale in final.parent.glob(f"{final.name}.tmp-*"):  # left by a killed build (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    return True
 
 
 def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, hard_negatives: bool | None,
-                        cache_dir: str = "", prompts: Prompts = ("", "")) -> TokenStore:
+                        cache_dir: str = "", prompts: Prompts = ("", ""), team: Team | None = None) -> TokenStore:
     """The token store of these sources, built if missing or damaged, then memory-mapped; `prompts` =
     (query prompt, document prompt), put before the anchors and before the positives and negatives.
 
-    Safe to call from every process at once: the first to take the store's file lock builds, the others
-    wait on the lock and map the finished store (one build per filesystem, so one per node with node-local
-    cache dirs)."""
+    Every process of a launch calls it at once, with its `team` (default: one process).  A store that all find
+    complete is mapped.  Else the machines whose cache dirs are one directory (`_builders`) build it together:
+    the lowest rank takes the file lock (another launch building it makes this one wait, then map it) and reads,
+    then every one of those machines tokenises its share, and the leader joins the shares and renames.
+    Any process's failure is raised on all of them."""
     from filelock import FileLock
 
-    specs = split_specs(specs)
+    team = team or Team()
+    specs, cache = split_specs(specs), Path(cache_dir or default_cache_dir())
+    looks = _together(team, lambda: _look(cache, specs, hard_negatives, tokenizer, max_seq_length, prompts))
+    fingerprint, what, _ = looks[team.rank]
+    final = cache / f"store-{fingerprint}"
+    if all(ok for _, _, ok in looks):
+        return open_store(final)
+    builders = _builders(team, cache)
+    leads = bool(builders) and builders[0] == team.rank
+    lock = FileLock(str(final) + ".lock")
+    build: _Build | None = None
+
+    def read():
+        nonlocal build
+        if not leads:
+            return None
+        lock.acquire()
+        if not _replace_stale(final, fingerprint):
+            return None
+        split = f", the tokenising split over {len(builders)} machines" if len(builders) > 1 else ""
+        logger.info("building the token store %s%s", final, split)
+        build = _Build(final, len(builders))
+        build.read(specs, tokenizer, max_seq_length, hard_negatives, prompts)
+        return str(build.tmp)
+
+    def tokenise():
+        if build is not None:
+            build.wait()
+        elif builders and not leads and plans[builders[0]] is not None:
+            member = builders.index(team.rank)
+            n = tokenise_share(Path(plans[builders[0]]), member, tokenizer, max_seq_length)
+            logger.info("tokenised %d texts of %s (machine %d of %d)", n, final, member + 1, len(builders))
+
+    try:
+        with _tokenizer_threads(), _no_cyclic_gc():
+            plans = _together(team, read)
+            _together(team, tokenise)
+        _together(team, lambda: build and build.finish(fingerprint, what))
+    except BaseException:
+        if build is not None:
+            build.abort()
+        raise
+    finally:
+        if lock.is_locked:
+            lock.release()
+    return open_store(final)
+
+
+def _look(cache: Path, specs: list[str], hard_negatives, tokenizer, max_seq_length: int, prompts
+          ) -> tuple[str, dict, bool]:
+    """(fingerprint, what it was made of, whether its store in `cache` is complete); the cache dir is created."""
     if not specs:
         raise DataError("no training data given")
-    cache = Path(cache_dir or default_cache_dir())
+    fingerprint, what = store_fingerprint(specs, hard_negatives, tokenizer, max_seq_length, prompts)
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DataError(f"cannot create the token cache dir {cache} ({err.strerror}); "
                         f"pass a writable --cache-dir") from None
-    fingerprint, what = store_fingerprint(specs, hard_negatives, tokenizer, max_seq_length, prompts)
-    final = cache / f"store-{fingerprint}"
-    if check_store(final, fingerprint) is None:
-        return open_store(final)
-    with FileLock(str(final) + ".lock"):
-        problem = check_store(final, fingerprint)
-        if problem is None:  # another process built it while this one waited
-            return open_store(final)
-        if final.exists():
-            logger.warning("token store %s cannot be trusted (%s): rebuilding it", final, problem)
-            trash = final.parent / f"{final.name}.bad-{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        for stale in cache.glob(f"{final.name}.tmp-*"):  # left by a killed build (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        logger.info("building the token store %s", final)
-        build_store(specs, tokenizer, max_seq_length, hard_negatives, final, fingerprint, what, prompts)
-    return open_store(final)
+    return fingerprint, what, check_store(cache / f"store-{fingerprint}", fingerprint) is None

@@ -34,7 +34,7 @@ from mnr.model import (ModelError, choose_pipeline, load_encoder, max_positions,
                        save_model)
 from mnr.reporting import LogWindow, MetricsLog, Progress, StopRequest, setup_logging
 from mnr.rundir import OutputDirError, open_output_dir, release_locks, write_marker
-from mnr.store import Prompts, prepare_train_store
+from mnr.store import Prompts, Team, prepare_train_store
 
 logger = logging.getLogger("mnr")
 MAX_SKIPPED_SHARE = 0.25  # --skip-nonfinite: stop once more than this share of the run's steps was skipped
@@ -299,10 +299,11 @@ def _setup_model(cfg: TrainConfig, model_path: str):
 def _setup_data(cfg: TrainConfig, train_spec: str, tokenizer, accelerator, prompts: Prompts = ("", "")
                 ) -> tuple[GlobalBatchSampler, Collator, int, str]:
     """Sources -> the memory-mapped token store (built once per filesystem) -> this process's sampler, collator."""
-    # The main process builds the store first (a failure stops every process with its message); the others then
-    # map it (under a file lock, so one process per filesystem builds on nodes without a shared disk).
-    data = distributed.main_first(lambda: prepare_train_store(split_specs(train_spec), tokenizer, cfg.max_seq_length,
-                                                              cfg.hard_negatives, cfg.cache_dir, prompts))
+    # Every process takes part: one store per filesystem, tokenised by the machines that share it (a failure
+    # stops every process with its message).
+    team = Team(distributed.rank(), accelerator.is_local_main_process, distributed.all_gather_object)
+    data = prepare_train_store(split_specs(train_spec), tokenizer, cfg.max_seq_length, cfg.hard_negatives,
+                               cfg.cache_dir, prompts, team)
     logger.info("train data %s: %s", train_spec, data.stats.summary())
     k, masked, line = negatives_plan(cfg, data.max_negatives, data.negatives_per_example(), data.sources,
                                      data.source_names)

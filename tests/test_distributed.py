@@ -214,13 +214,15 @@ def test_deepspeed_takes_batch_size_and_clipping_from_the_flags():
 # ---- two machines: accelerate_configs/multi_node.yaml, proven on this CPU ---------------------------------
 
 
-def test_two_machines_one_process_each_train_like_one_process_batch_2b(runs, tiny, tmp_path):
+@pytest.mark.parametrize("cache", ["node-local", "shared"])
+def test_two_machines_one_process_each_train_like_one_process_batch_2b(runs, tiny, tmp_path, cache):
     """Two `accelerate launch` commands with the multi-node config (machine ranks 0 and 1 on 127.0.0.1), one
-    CPU process each, and a node-local token cache each (as on machines that share no filesystem)."""
+    CPU process each; a node-local token cache each (as on machines that share no filesystem), or one cache dir
+    for both (a shared filesystem: they build one store together, each tokenising a share of the texts)."""
     data = runs["single"].parent / "nli.tsv"
     port = str(free_port())
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", MNR_TOKENISE_CHUNK="7")  # small chunks: both machines get some
     out = tmp_path / "multi_node"
     procs = []
     for machine in (0, 1):
@@ -228,14 +230,22 @@ def test_two_machines_one_process_each_train_like_one_process_batch_2b(runs, tin
                "--config_file", "accelerate_configs/multi_node.yaml", "--num_processes", "2", "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1",
                "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
                "train_mnr.py", "--model", str(tiny), "--train-data", str(data),
-               "--cache-dir", str(tmp_path / f"node{machine}-cache"), *TRAIN_ARGS, "--batch-size", str(LOCAL_BATCH),
+               "--cache-dir", str(tmp_path / (f"node{machine}-cache" if cache == "node-local" else "shared-cache")),
+               *TRAIN_ARGS, "--batch-size", str(LOCAL_BATCH),
                "--output-dir", str(out)]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     logs = [p.communicate(timeout=300)[0] for p in procs]
     for machine, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"machine {machine} exit {p.returncode}\n{log[-5000:]}"
-    assert all((tmp_path / f"node{m}-cache").glob("store-*/manifest.json") for m in (0, 1))  # one store per node
+    if cache == "node-local":  # one store per node, each built alone
+        manifests = [next((tmp_path / f"node{m}-cache").glob("store-*/manifest.json")) for m in (0, 1)]
+        assert [json.loads(m.read_text())["built_by"]["machines"] for m in manifests] == [1, 1]
+    else:  # one store, both machines tokenised a share
+        [manifest] = (tmp_path / "shared-cache").glob("store-*/manifest.json")
+        built = json.loads(manifest.read_text())["built_by"]
+        assert built["machines"] == 2 and min(built["texts"]) > 0, built
+        assert "the tokenising split over 2 machines" in logs[0]
     assert "2 processes x 4" in logs[0]
     diff = max_abs_diff(load_weights(out), load_weights(runs["single"]))
     print(f"max |w(2 machines x 1 proc x {LOCAL_BATCH}) - w(1 proc x {2 * LOCAL_BATCH})| = {diff:.3g}")
