@@ -10,6 +10,14 @@ tokenizer (30k words), so start-up is data-bound.
     python benchmarks/bench_scale.py --sizes 0.01,0.1,1,3 --procs 1,2 --work /tmp/mnr-scale
 
 Every start is measured on a machine that may be shared: the load average is printed next to each row.
+
+`--machines`: the split build.  Two `accelerate launch` commands with the multi-node config stand for two
+machines, one training process each, each pinned to its own core (`os.sched_setaffinity`, inherited by the
+launcher's children and seen by the tokenizer's thread pool): two one-core machines.  Each size is cold-started
+twice, with a node-local cache dir per machine (each machine builds the whole store alone) and with one shared
+cache dir (the machines build one store together, each tokenising a share of the texts):
+
+    python benchmarks/bench_scale.py --machines --sizes 1 --work /tmp/mnr-scale
 """
 
 from __future__ import annotations
@@ -143,6 +151,55 @@ def train_cmd(procs: int, model: Path, data: Path, cache: Path, out: Path) -> li
             str(port), *args]
 
 
+def machines_cold_start(model: Path, data: Path, work: Path, shared: bool) -> tuple[float, list[int]]:
+    """(wall seconds until both machines exited, texts tokenised per machine) of a cold start on two one-core
+    "machines" (see the module docstring)."""
+    import json
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    caches = [work / "cache-shared"] * 2 if shared else [work / f"cache-node{m}" for m in (0, 1)]
+    for cache in caches:
+        shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, **common.OFFLINE_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    procs, logs = [], []
+    start = time.perf_counter()
+    for machine in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               "accelerate_configs/multi_node.yaml", "--num_processes", "2", "--machine_rank", str(machine),
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
+               "--dynamo_backend", "no", *train_cmd(1, model, data, caches[machine], work / f"out-m{machine}")[1:]]
+        logs.append(work / f"machines-{'shared' if shared else 'local'}-{machine}.log")
+        core = machine % os.cpu_count()
+        procs.append(subprocess.Popen(cmd, stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                      preexec_fn=lambda core=core: os.sched_setaffinity(0, {core})))
+    for proc, log in zip(procs, logs):
+        if proc.wait() != 0:
+            raise SystemExit(f"machine launch failed ({proc.returncode}); log: {log}\n{log.read_text()[-3000:]}")
+    wall = time.perf_counter() - start
+    texts = []
+    for cache in dict.fromkeys(caches):
+        [manifest] = cache.glob("store-*/manifest.json")
+        texts.append(json.loads(manifest.read_text())["built_by"]["texts"])
+        shutil.rmtree(cache, ignore_errors=True)
+    return wall, texts
+
+
+def machines_table(model: Path, work: Path, sizes: list[float], words: list[str]) -> None:
+    print("| pairs | cache dir | cold start s (2 one-core machines) | texts tokenised per machine | load avg (1 min) |")
+    print("|---:|---|---:|---|---:|", flush=True)
+    for size in sizes:
+        n = int(round(size * 1_000_000))
+        data = make_pairs(work / f"pairs-{n}.tsv", n, words)
+        for shared in (False, True):
+            wall, texts = machines_cold_start(model, data, work, shared)
+            where = "shared: one store, split" if shared else "node-local: a store per machine"
+            split = " + ".join(f"{x:,}" for x in texts[0]) if shared else " and ".join(f"{t[0]:,}" for t in texts)
+            print(f"| {n:,} | {where} | {wall:.1f} | {split} | {os.getloadavg()[0]:.2f} |", flush=True)
+
+
 def epoch_seconds(model: Path, data: Path, cache: Path, procs: int) -> float:
     from transformers import AutoTokenizer
 
@@ -179,6 +236,8 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/mnr-scale", help="data files and the model are kept here between runs")
     p.add_argument("--epoch-only", type=float, default=0,
                    help="only time one epoch's batches over this many million synthetic examples (no training)")
+    p.add_argument("--machines", action="store_true",
+                   help="instead: cold starts on two one-core 'machines' (two launches), node-local vs shared cache")
     p.add_argument("--warm-repeats", type=int, default=1, help="warm starts per row; the fastest (and its PSS) is kept")
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
@@ -193,6 +252,9 @@ def main() -> None:
     words = [w for w in AutoTokenizer.from_pretrained(model).get_vocab() if w.isalpha() and len(w) > 2]
     sizes = [float(s) for s in args.sizes.split(",")] + ([10.0] if args.with_10m else [])
     print(f"machine: {common.machine()}; load before: {os.getloadavg()}", flush=True)
+    if args.machines:
+        machines_table(model, work, sizes, words)
+        return
     print("| pairs | processes | TSV MB | cold start s | warm start s | peak PSS per process MiB (warm) | "
           "peak PSS MiB (cold) | epoch build s | load avg (1 min) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
