@@ -291,10 +291,29 @@ QUERY, DOCUMENT = 0, 1  # the role a text is interned in: anchors are queries, p
 
 
 def _text(value) -> str | None:
+    """The stripped text of a cell; None for a missing, empty or non-text cell, and for text that is not valid
+    Unicode (a lone surrogate, e.g. from a JSON "\\ud800" escape: no tokenizer or hash can take it)."""
     if value is None or not isinstance(value, str):
         return None
     value = value.strip()
+    if not value.isascii() and not _is_unicode(value):
+        return None
     return value or None
+
+
+def _is_unicode(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unusable_text(values) -> str:
+    """The skip reason of a row with an unusable text (`values`: its raw cells)."""
+    if any(isinstance(v, str) and not _is_unicode(v) for v in values):
+        return "text not valid Unicode (a lone surrogate)"
+    return "empty or missing text"
 
 
 def detect_schema(source: str, columns: Iterable[str]) -> str:
@@ -348,7 +367,7 @@ def _nli_row(row: dict, stats: DataStats) -> tuple[str, str, str] | None:
         return None
     premise, hypothesis = _text(row.get("premise")), _text(row.get("hypothesis"))
     if premise is None or hypothesis is None:
-        stats.skip("empty or missing text")
+        stats.skip(_unusable_text([row.get("premise"), row.get("hypothesis")]))
         return None
     return label, premise, hypothesis
 
@@ -439,7 +458,7 @@ def pair_examples(source: str, rows: Iterable[dict], hard_negatives: bool, negat
         texts = [_text(row.get(role)) for role in PAIR_COLUMNS]
         found = [t for t in _row_negatives(row, negatives) if t is not None]
         if None in texts or (negatives and not found):
-            stats.skip("empty or missing text")
+            stats.skip(_unusable_text([row.get(c) for c in (*PAIR_COLUMNS, *negatives)]))
             continue
         chunk.append([intern(t, QUERY if i == 0 else DOCUMENT) for i, t in enumerate(texts + found)])
         if len(chunk) >= CHUNK_ROWS:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from mnr import distributed
-from mnr.data import DataError, read_source
+from mnr.data import DataError, _text, read_source
 from mnr.matryoshka import cut, label
 from mnr.retrieval import (MAX_K, RetrievalData, is_beir_dir, load_beir, metric_names, nli_rows_as_retrieval,
                            pair_rows_as_retrieval, retrieval_metrics, split_beir_spec, sts_as_retrieval, top_k)
@@ -72,21 +72,21 @@ def _sts_from_rows(spec: str, columns: list[str], rows) -> STSData:
     score_col = "score" if "score" in columns else "label"
     s1, s2, scores, skipped = [], [], [], 0
     for row in rows:
-        a, b = row.get("sentence1"), row.get("sentence2")
+        a, b = _text(row.get("sentence1")), _text(row.get("sentence2"))  # None: empty, missing or not Unicode
         try:
             score = float(row.get(score_col))
         except (TypeError, ValueError):
             score = float("nan")
-        if not (isinstance(a, str) and a.strip() and isinstance(b, str) and b.strip()) or not np.isfinite(score):
+        if a is None or b is None or not np.isfinite(score):
             skipped += 1
             continue
-        s1.append(a.strip())
-        s2.append(b.strip())
+        s1.append(a)
+        s2.append(b)
         scores.append(score)
     if len(scores) < 2:
         raise DataError(f"{spec}: fewer than 2 usable STS pairs ({skipped} bad rows skipped)")
     if skipped:
-        logger.warning("%s: skipped %d rows with empty text or a non-numeric score", spec, skipped)
+        logger.warning("%s: skipped %d rows with empty or non-Unicode text or a non-numeric score", spec, skipped)
     return STSData(s1, s2, np.asarray(scores, dtype=np.float64), skipped)
 
 

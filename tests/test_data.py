@@ -189,3 +189,27 @@ def test_shared_snli_files_read_without_quote_processing():
     # 2474 entailment rows; 4 of them have hypothesis == premise (no signal, skipped and counted)
     assert len(ex) == 2470 and stats.skipped["same text twice in one example"] == 4
     assert stats.skipped.get("malformed row (more fields than the header)", 0) == 0
+
+
+def test_text_that_is_not_valid_unicode_is_a_counted_skip_in_training_and_evaluation_data(tmp_path):
+    """A JSON "\\ud800" escape decodes to a lone surrogate, which no tokenizer or hash takes: the row is skipped
+    and counted under its own reason (it was a traceback)."""
+    from mnr.evaluate import load_sts
+
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text('{"anchor": "a man \\ud800 plays", "positive": "a person plays"}\n'
+                     '{"anchor": "caf\\u00e9 au lait", "positive": "coffee"}\n'
+                     '{"anchor": "x", "positive": "y"}\n', encoding="utf-8")
+    ex, stats = load_examples(str(pairs), False)
+    assert ex.anchors == ["café au lait", "x"]
+    assert dict(stats.skipped) == {"text not valid Unicode (a lone surrogate)": 1}
+    nli = tmp_path / "n.jsonl"
+    nli.write_text('{"premise": "p \\udc00", "hypothesis": "h", "label": 0}\n'
+                   '{"premise": "p", "hypothesis": "h", "label": 0}\n', encoding="utf-8")
+    _, stats = load_examples(str(nli), False)
+    assert stats.skipped["text not valid Unicode (a lone surrogate)"] == 1 and stats.examples == 1
+    sts = tmp_path / "s.jsonl"
+    sts.write_text("".join(json.dumps({"sentence1": a, "sentence2": "b", "score": i}) + "\n"
+                           for i, a in enumerate(["a \ud800", "one", "two"])), encoding="utf-8")
+    data = load_sts(str(sts))
+    assert data.sentences1 == ["one", "two"] and data.skipped == 1
