@@ -198,6 +198,23 @@ def check_store(path: Path, fingerprint: str) -> str | None:
             return f"{name} missing"
         if size != manifest.get("sizes", {}).get(name):
             return f"{name} has {size} bytes, the manifest says {manifest.get('sizes', {}).get(name)}"
+    return _check_arrays(path, manifest)
+
+
+def _check_arrays(path: Path, manifest: dict) -> str | None:
+    """None when the arrays open (their headers read) with the shapes the manifest's counts give; else why not
+    (a file damaged in place keeps its size)."""
+    try:
+        store = TokenStore(path, manifest)
+        n, roles, texts = manifest["n_examples"], manifest["n_roles"], manifest["n_texts"]
+        want = {"examples.npy": (store.text_ids, (n, roles)), "lengths.npy": (store.lengths, (n,)),
+                "sources.npy": (store.sources, (n,)), "bare_text.npy": (store.bare_text, (texts,)),
+                "offsets.bin": (store.token_ids.offsets, (texts + 1,))}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"unreadable ({err})"
+    for name, (array, shape) in want.items():
+        if array.shape != shape:
+            return f"{name} has shape {array.shape}, the manifest's counts say {shape}"
     return None
 
 

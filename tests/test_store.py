@@ -69,14 +69,21 @@ def test_collating_from_the_store_equals_collating_from_lists(tmp_path, tok):
     assert a["input_ids"].shape[0] == 3 * len(idx)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "empty", "manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "empty", "manifest", "header", "shape"])
 def test_a_damaged_store_is_detected_and_rebuilt(tmp_path, tok, caplog, damage):
     path = str(_triplets(tmp_path))
     store = prepare_train_store(path, tok, 6, True, str(tmp_path / "cache"))
     want = store.text_ids.tolist(), [store.token_ids[t].tolist() for t in range(store.n_texts)]
-    target = store.path / ("manifest.json" if damage == "manifest" else "tokens.bin")
+    target = store.path / {"manifest": "manifest.json", "header": "examples.npy", "shape": "lengths.npy"}.get(
+        damage, "tokens.bin")
     data = target.read_bytes()
-    target.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    if damage == "header":  # damaged in place: same size, unreadable
+        target.write_bytes(b"garbag" + data[6:])
+    elif damage == "shape":  # same size, another shape: (1, 2) int32 instead of (2,)
+        np.save(target, np.zeros((1, 2), np.int32))
+        assert len(target.read_bytes()) == len(data)
+    else:
+        target.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
     assert check_store(store.path, store.manifest["fingerprint"]) is not None
     with caplog.at_level(logging.WARNING, logger="mnr.store"):
         again = prepare_train_store(path, tok, 6, True, str(tmp_path / "cache"))
