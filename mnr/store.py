@@ -14,8 +14,9 @@ Invariants:
     directory renamed into place only when complete: a crash or Ctrl-C mid-build leaves nothing that a later
     run trusts.  A store whose manifest or file sizes do not match is rebuilt.
   * The machines of a launch whose cache dirs are one directory build it together (`prepare_train_store`):
-    the first process of each machine tokenises a share of the texts (chunk c is machine c % n's), the leader
-    joins the shares in text-id order.  The files are byte for byte those of a build in one process.
+    the first process of each machine (every process, with a Python tokenizer, which uses one core) tokenises
+    a share of the texts (chunk c is member c % n's), the leader joins the shares in text-id order.  The files
+    are byte for byte those of a build in one process.
   * The fingerprint covers the sources (path, size and mtime of local files; `datasets`' fingerprint of hub
     splits; their order, not their `*weight`), the hard-negatives mode (on, off, auto), the tokenizer (class,
     vocabulary, lower-casing), max_seq_length and the query/document prompts.
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 STORE_VERSION = 3  # 2: k negatives per example (-1 padded) and sources.npy; 3: bare_text.npy
 # texts per tokenizer call: big enough for its thread pool, small enough to overlap reading and to share the work
-# between machines evenly ($MNR_TOKENISE_CHUNK sets it)
+# between processes evenly ($MNR_TOKENISE_CHUNK sets it)
 TOKENISE_CHUNK = int(os.environ.get("MNR_TOKENISE_CHUNK") or 20_000)
 FILES = ("tokens.bin", "offsets.bin", "examples.npy", "sources.npy", "lengths.npy", "bare_text.npy")
 
@@ -241,9 +242,9 @@ class _TextTable:
 
     New texts go out in chunks of TOKENISE_CHUNK.  With one member (a build in one machine) every chunk is
     tokenised here on a background thread, straight into tokens.bin, while the next rows are read.  With
-    `members` > 1 (a build split over machines) chunk c is written out as UTF-8 for member c % members to
+    `members` > 1 (a build split over processes) chunk c is written out as UTF-8 for member c % members to
     tokenise once the reading is done (`tokenise_share`), this process's share (member 0) included: reading
-    never waits for tokenising, so the other machines start as early as they can."""
+    never waits for tokenising, so the other members start as early as they can."""
 
     def __init__(self, tokenizer, max_seq_length: int, directory: Path, prompts: list[tuple[str, str]],
                  members: int = 1):
@@ -454,7 +455,7 @@ def _tokenizer_threads():
 
 class _Build:
     """One store build in a temporary directory beside `final`, in three steps: `read` (stream, dedupe; in one
-    machine tokenise while reading, split over machines write out each member's texts), `wait` (this process's
+    process tokenise while reading, split write out each member's texts), `wait` (this process's
     tokenising done), `finish` (join the members' token files, write the arrays and the manifest, rename to
     `final`).  `abort` removes it."""
 
@@ -506,7 +507,7 @@ class _Build:
                     "n_roles": examples.shape[1], "n_texts": len(text_lengths), "n_tokens": int(offsets[-1]),
                     "sizes": {name: (tmp / name).stat().st_size for name in FILES},
                     "stats": {"rows": stats.rows, "examples": stats.examples, "skipped": dict(stats.skipped)},
-                    "built_by": {"machines": self.members, "texts": self.texts_per_member()},
+                    "built_by": {"processes": self.members, "texts": self.texts_per_member()},
                     "built_from": what}
         for name in FILES:  # on disk before the manifest that vouches for them
             with open(tmp / name, "rb+") as fh:
@@ -561,11 +562,12 @@ def _together(team: Team, fn):
     return [o for o, _ in gathered]
 
 
-def _builders(team: Team, cache: Path) -> list[int]:
-    """The ranks that build this process's store together: the first process of each machine whose cache dir is
-    the same directory as this one's (seen through a probe file each of them leaves); [] for a process that is
-    not the first of its machine.  The lowest rank of them leads."""
-    probe = cache / f".probe-{uuid.uuid4().hex}" if team.local_main else None
+def _builders(team: Team, cache: Path, every_process: bool = False) -> list[int]:
+    """The ranks that build this process's store together: the first process of each machine (`every_process`:
+    every process) whose cache dir is the same directory as this one's, seen through a probe file each of them
+    leaves; [] for a process that takes no part.  The lowest rank of them leads."""
+    helps = team.local_main or every_process
+    probe = cache / f".probe-{uuid.uuid4().hex}" if helps else None
 
     def leave_probe():
         if probe is not None:
@@ -579,11 +581,11 @@ def _builders(team: Team, cache: Path) -> list[int]:
     names = _together(team, leave_probe)
     try:
         views = _together(team, lambda: [r for r, name in enumerate(names)
-                                         if name and (cache / name).exists()] if team.local_main else [])
+                                         if name and (cache / name).exists()] if helps else [])
     finally:
         if probe is not None:
             probe.unlink(missing_ok=True)
-    if not team.local_main:
+    if not helps:
         return []
     leader = min(views[team.rank])
     return [r for r, seen in enumerate(views) if seen and min(seen) == leader]
@@ -613,7 +615,8 @@ def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, 
     Every process of a launch calls it at once, with its `team` (default: one process).  A store that all find
     complete is mapped.  Else the machines whose cache dirs are one directory (`_builders`) build it together:
     the lowest rank takes the file lock (another launch building it makes this one wait, then map it) and reads,
-    then every one of those machines tokenises its share, and the leader joins the shares and renames.
+    then every one of those machines (processes, with a Python tokenizer) tokenises its share, and the leader
+    joins the shares and renames.
     Any process's failure is raised on all of them."""
     from filelock import FileLock
 
@@ -624,7 +627,8 @@ def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, 
     final = cache / f"store-{fingerprint}"
     if all(ok for _, _, ok in looks):
         return open_store(final)
-    builders = _builders(team, cache)
+    # a fast tokenizer uses every core of its machine; a Python one uses one, so every process takes a share
+    builders = _builders(team, cache, every_process=backend_for(tokenizer, max_seq_length) is None)
     leads = bool(builders) and builders[0] == team.rank
     lock = FileLock(str(final) + ".lock")
     build: _Build | None = None
@@ -636,7 +640,7 @@ def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, 
         lock.acquire()
         if not _replace_stale(final, fingerprint):
             return None
-        split = f", the tokenising split over {len(builders)} machines" if len(builders) > 1 else ""
+        split = f", the tokenising split over {len(builders)} processes" if len(builders) > 1 else ""
         logger.info("building the token store %s%s", final, split)
         build = _Build(final, len(builders))
         build.read(specs, tokenizer, max_seq_length, hard_negatives, prompts)
@@ -648,7 +652,7 @@ def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, 
         elif builders and not leads and plans[builders[0]] is not None:
             member = builders.index(team.rank)
             n = tokenise_share(Path(plans[builders[0]]), member, tokenizer, max_seq_length)
-            logger.info("tokenised %d texts of %s (machine %d of %d)", n, final, member + 1, len(builders))
+            logger.info("tokenised %d texts of %s (share %d of %d)", n, final, member + 1, len(builders))
 
     try:
         with _tokenizer_threads(), _no_cyclic_gc():

@@ -240,12 +240,12 @@ def test_two_machines_one_process_each_train_like_one_process_batch_2b(runs, tin
         assert p.returncode == 0, f"machine {machine} exit {p.returncode}\n{log[-5000:]}"
     if cache == "node-local":  # one store per node, each built alone
         manifests = [next((tmp_path / f"node{m}-cache").glob("store-*/manifest.json")) for m in (0, 1)]
-        assert [json.loads(m.read_text())["built_by"]["machines"] for m in manifests] == [1, 1]
+        assert [json.loads(m.read_text())["built_by"]["processes"] for m in manifests] == [1, 1]
     else:  # one store, both machines tokenised a share
         [manifest] = (tmp_path / "shared-cache").glob("store-*/manifest.json")
         built = json.loads(manifest.read_text())["built_by"]
-        assert built["machines"] == 2 and min(built["texts"]) > 0, built
-        assert "the tokenising split over 2 machines" in logs[0]
+        assert built["processes"] == 2 and min(built["texts"]) > 0, built
+        assert "the tokenising split over 2 processes" in logs[0]
     assert "2 processes x 4" in logs[0]
     diff = max_abs_diff(load_weights(out), load_weights(runs["single"]))
     print(f"max |w(2 machines x 1 proc x {LOCAL_BATCH}) - w(1 proc x {2 * LOCAL_BATCH})| = {diff:.3g}")

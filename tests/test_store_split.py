@@ -79,7 +79,7 @@ def test_machines_sharing_the_cache_dir_split_the_tokenising_and_write_the_one_p
     assert all(not isinstance(s, BaseException) for s in stores), stores
     assert len({s.path for s in stores}) == 1  # one store, mapped by all three
     built = stores[0].manifest["built_by"]
-    assert built["machines"] == 3 and sum(built["texts"]) == alone.n_texts and min(built["texts"]) > 0
+    assert built["processes"] == 3 and sum(built["texts"]) == alone.n_texts and min(built["texts"]) > 0
     assert _files(stores[0]) == _files(alone)  # byte for byte what one process writes
     assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == [stores[0].path.name,
                                                                       stores[0].path.name + ".lock"]
@@ -100,8 +100,42 @@ def test_machines_with_their_own_cache_dirs_each_build_their_own(tmp_path, tok):
                                                     team=team.member(r, local_main=r in (0, 2))))
     assert all(not isinstance(s, BaseException) for s in stores), stores
     assert [s.path.parent.name for s in stores] == ["a", "a", "b", "b"]
-    assert [s.manifest["built_by"]["machines"] for s in stores] == [1, 1, 1, 1]
+    assert [s.manifest["built_by"]["processes"] for s in stores] == [1, 1, 1, 1]
     assert _files(stores[0]) == _files(stores[2])
+
+
+class PythonTokenizer:
+    """A tokenizer without a Rust backend (as a Python-only tokenizer is): it tokenises on one core."""
+
+    def __init__(self, tok):
+        self._tok, self.name_or_path, self.init_kwargs = tok, "python-" + tok.name_or_path, tok.init_kwargs
+
+    def __call__(self, *args, **kwargs):
+        return self._tok(*args, **kwargs)
+
+    def __len__(self):
+        return len(self._tok)
+
+    def get_vocab(self):
+        return self._tok.get_vocab()
+
+
+def test_with_a_python_tokenizer_every_process_of_a_machine_takes_a_share(tmp_path, tok, monkeypatch):
+    """One machine, two processes: a fast tokenizer's thread pool already uses every core (rank 0 alone
+    tokenises); a Python tokenizer uses one, so both processes tokenise a share."""
+    monkeypatch.setattr(store_mod, "TOKENISE_CHUNK", 3)
+    data = _data(tmp_path)
+    built = {}
+    for name, tokenizer in (("fast", tok), ("python", PythonTokenizer(tok))):
+        team = ThreadTeam(2)
+        stores = team.run(lambda r: prepare_train_store(data, tokenizer, 16, True, str(tmp_path / name),
+                                                        team=team.member(r, local_main=r == 0)))
+        assert all(not isinstance(s, BaseException) for s in stores), stores
+        built[name] = stores[0]
+    assert built["fast"].manifest["built_by"]["processes"] == 1
+    shares = built["python"].manifest["built_by"]
+    assert shares["processes"] == 2 and min(shares["texts"]) > 0
+    assert _files(built["python"]) == _files(built["fast"])
 
 
 def test_a_machine_failing_its_share_stops_every_process_and_leaves_nothing(tmp_path, tok, monkeypatch):
