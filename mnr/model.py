@@ -164,6 +164,8 @@ def load_encoder(model: str, trust_remote_code: bool = False) -> tuple[Encoder, 
     import transformers
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    from safetensors import SafetensorError  # a truncated or overwritten weights file
+
     transformers.utils.logging.disable_progress_bar()
     path = resolve_model_path(model)
     check_model_dir(path)
@@ -178,7 +180,7 @@ def load_encoder(model: str, trust_remote_code: bool = False) -> tuple[Encoder, 
                                                 trust_remote_code=trust_remote_code)
     except ModelError:
         raise
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"model={model or path!r} cannot be loaded: {first}") from None
     finally:

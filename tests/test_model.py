@@ -62,6 +62,17 @@ def test_checkpoint_without_safetensors_is_refused(tmp_path, tiny_model):
         check_model_dir(str(bad))
 
 
+def test_truncated_weights_are_a_clear_error(tmp_path, tiny_model):
+    import shutil
+
+    bad = tmp_path / "truncated"
+    shutil.copytree(tiny_model, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(ModelError, match=r"model='.*truncated' cannot be loaded: .*deserializing header"):
+        load_encoder(str(bad))
+
+
 def test_missing_hub_model_offline_is_a_clear_error():
     with pytest.raises(ModelError, match="cannot be loaded"):
         load_encoder("no-such-org/no-such-model-xyz")
