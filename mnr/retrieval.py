@@ -65,7 +65,10 @@ def _finish(source: str, query_ids, queries, corpus_ids, corpus, relevant, skipp
     if len(keep) < len(queries):
         skipped["queries without relevant documents (not scored)"] += len(queries) - len(keep)
     if not keep:
-        raise DataError(f"{source}: no query has a relevant document in the corpus ({len(queries)} queries read)")
+        why = "".join(f"; {n} {reason}" for reason, n in skipped.items()
+                      if reason != "queries without relevant documents (not scored)")
+        raise DataError(f"{source}: no query has a relevant document in the corpus ({len(queries)} queries with "
+                        f"judgements{why})")
     return RetrievalData([query_ids[i] for i in keep], [queries[i] for i in keep], corpus_ids, corpus,
                          [relevant[i] for i in keep], skipped)
 

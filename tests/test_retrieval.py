@@ -87,7 +87,10 @@ def test_beir_loader_reads_titles_grades_and_counts_skips(tmp_path):
     ("no qrels", "no qrels/<split>.tsv"),
     ("two splits", "several qrels splits (dev, test)"),
     ("unknown split", "no qrels/train.tsv; splits found: test"),
-    ("nothing relevant", "no query has a relevant document"),
+    ("nothing relevant", "no query has a relevant document in the corpus (0 queries with judgements; 1 qrels "
+                         "lines naming an unknown corpus id)"),
+    ("bad scores only", "no query has a relevant document in the corpus (0 queries with judgements; 1 malformed "
+                        "qrels lines)"),
 ])
 def test_beir_bad_input_is_one_clear_error(tmp_path, case, message):
     from mnr.evaluate import build_evaluators
@@ -107,6 +110,8 @@ def test_beir_bad_input_is_one_clear_error(tmp_path, case, message):
         spec += "@train"
     elif case == "nothing relevant":
         (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td9\t1\n")
+    elif case == "bad scores only":
+        (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\tabc\n")
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_evaluators(spec)
 
