@@ -362,6 +362,9 @@ def _options(args) -> MineOptions:
     output_kind(args.output)
     if os.path.isdir(args.output):
         raise DataError(f"--output {args.output}: is a directory")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):  # found now, not after the mining
+        raise DataError(f"--output {args.output}: {folder} is not a writable directory")
     return opts
 
 

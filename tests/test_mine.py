@@ -175,7 +175,8 @@ def test_command_k_columns_jsonl_and_prompts(tmp_path, tiny_model, monkeypatch):
 
 @pytest.mark.parametrize("extra, message", [(["--output", "x.txt"], "--output x.txt: unknown format"),
                                             (["--output", "x.tsv", "--num-negatives", "0"], "--num-negatives 0"),
-                                            (["--output", "x.tsv", "--corpus", "missing.tsv"], "missing.tsv: no such file")])
+                                            (["--output", "x.tsv", "--corpus", "missing.tsv"], "missing.tsv: no such file"),
+                                            (["--output", "no/such/dir/x.tsv"], "no/such/dir is not a writable directory")])
 def test_command_bad_input_is_one_line(tmp_path, tiny_model, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)
     assert main(_cli(tmp_path, tiny_model, *extra)) == 2
