@@ -554,12 +554,24 @@ def _together(team: Team, fn):
     try:
         out, error = fn(), None
     except Exception as err:  # raised below, on every process
-        out, error = None, err
+        out, error = None, _picklable(err)
     gathered = team.gather((out, error))
     for _, err in gathered:
         if err is not None:
             raise err
     return [o for o, _ in gathered]
+
+
+def _picklable(err: Exception) -> Exception:
+    """`err`, or its message in a RuntimeError when it cannot travel to the other processes (an exception that
+    fails to pickle would stop this process short of the collective, and leave the others waiting in it)."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:  # noqa: BLE001 - any failure to pickle
+        return RuntimeError(f"{type(err).__name__}: {err}")
+    return err
 
 
 def _builders(team: Team, cache: Path, every_process: bool = False) -> list[int]:

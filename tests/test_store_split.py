@@ -6,6 +6,7 @@ the process group; `tests/test_distributed.py` runs it for real with two `accele
 
 from __future__ import annotations
 
+import pickle
 import threading
 from pathlib import Path
 
@@ -26,7 +27,8 @@ def tok(tiny_model):
 
 
 class ThreadTeam:
-    """n "processes" as threads; gather() is a real collective: it returns only once all n have called it."""
+    """n "processes" as threads; gather() is a real collective: it returns only once all n have called it, and
+    what it passes is pickled, as between processes."""
 
     def __init__(self, n: int):
         self.n, self.slots, self.barrier = n, [None] * n, threading.Barrier(n, timeout=60)
@@ -35,7 +37,7 @@ class ThreadTeam:
     def member(self, rank: int, local_main: bool = True) -> Team:
         def gather(obj):
             self.calls[rank] += 1
-            self.slots[rank] = obj
+            self.slots[rank] = pickle.loads(pickle.dumps(obj))  # what crosses between processes must pickle
             self.barrier.wait()
             out = list(self.slots)
             self.barrier.wait()
@@ -178,3 +180,20 @@ def test_the_assembly_of_shares_refuses_a_short_share(tmp_path):
     np.save(d / "len-1.npy", np.array([1, 2], np.int64))  # 2 lengths, but 3 tokens for a 2-token file
     with pytest.raises(DataError, match="machine 1 .* summing to 3 tokens, with 2 tokens"):
         store_mod._assemble(d, [2, 2], 2)
+
+
+def test_an_error_that_cannot_be_pickled_still_reaches_every_process(tmp_path, tok, monkeypatch):
+    class Unpicklable(Exception):
+        def __init__(self, msg):
+            super().__init__(msg)
+            self.handle = threading.Lock()  # a lock does not pickle
+
+    def broken(*args, **kwargs):
+        raise Unpicklable("the tokenizer broke")
+
+    monkeypatch.setattr(store_mod, "tokenise_share", broken)
+    monkeypatch.setattr(store_mod, "TOKENISE_CHUNK", 3)
+    team = ThreadTeam(2)
+    errors = team.run(lambda r: prepare_train_store(_data(tmp_path), tok, 16, True, str(tmp_path / "c"),
+                                                    team=team.member(r)))
+    assert all(isinstance(e, RuntimeError) and "Unpicklable: the tokenizer broke" in str(e) for e in errors), errors
