@@ -105,6 +105,7 @@ class GlobalBatchSampler:
                              f"batch of {self.global_batch_size} (batch size {batch_size} x {world_size} "
                              f"processes): lower --batch-size or add data")
         self._cache: tuple[int, np.ndarray] | None = None
+        self._steps: dict[int, int] = {}  # epoch -> its number of global batches
         self._max_text: int | None = None
         self._schedules: dict[int, np.ndarray] = {}  # epoch -> source of each step (per-source batches only)
         self._set_sources(sources, weights, sampling, source_names)
@@ -251,7 +252,14 @@ class GlobalBatchSampler:
                 f"text with another example ({len(texts)} distinct texts); lower --batch-size or add varied data")
 
     def steps_in_epoch(self, epoch: int) -> int:
-        return len(self.global_batches(epoch))
+        if epoch not in self._steps:
+            self._steps[epoch] = len(self.global_batches(epoch))
+        return self._steps[epoch]
+
+    def total_steps(self, epochs: int) -> int:
+        """Steps in `epochs` epochs.  Epoch 0 is counted last, so the batches kept (one epoch's) are the first to
+        train: every epoch is built once here, none twice before training starts."""
+        return sum(self.steps_in_epoch(e) for e in [*range(1, epochs), 0])
 
     def local_batches(self, epoch: int, start_step: int = 0) -> np.ndarray:
         """(steps, batch size) this process's slice of each global batch of the epoch, from `start_step` on."""

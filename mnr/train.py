@@ -246,7 +246,7 @@ def setup(cfg: TrainConfig) -> Trainer:
     k = collator.k or 0
     evaluators, best_metric = _setup_evaluators(cfg, getattr(encoder.config, "hidden_size", None))
     # an epoch without a single duplicate-free global batch is the sampler's error (it never yields zero steps)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else sum(sampler.steps_in_epoch(e) for e in range(cfg.epochs))
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else sampler.total_steps(cfg.epochs)
     optimizer = torch.optim.AdamW(param_groups(encoder, cfg.weight_decay), lr=cfg.lr)
     # Not passed to prepare(): Accelerate would step it once per process; we count global steps ourselves.
     # Its state goes into trainer_state.json, not register_for_checkpointing: Accelerate unpickles custom

@@ -186,3 +186,18 @@ def test_resume_mid_epoch_gives_every_process_the_remaining_batches():
         rest = sampler.local_batches(1, start_step=5)
         assert len(rest) == len(full) - 5
         assert all(np.array_equal(a, b) for a, b in zip(full[5:], rest))
+
+
+def test_counting_the_steps_of_several_epochs_builds_each_epoch_once_and_keeps_the_first(monkeypatch):
+    ids = _ids_with_duplicates()
+    sampler = GlobalBatchSampler(ids, batch_size=8, world_size=2, seed=3)
+    fresh = GlobalBatchSampler(ids, batch_size=8, world_size=2, seed=3)
+    built = []
+    real = GlobalBatchSampler._batches
+    monkeypatch.setattr(GlobalBatchSampler, "_batches", lambda self, *a: built.append(1) or real(self, *a))
+    total = sampler.total_steps(3)
+    assert len(built) == 3
+    assert total == sum(len(fresh.global_batches(e)) for e in range(3))
+    assert sampler.steps_in_epoch(0) == len(fresh.global_batches(0))  # counted, not rebuilt
+    assert (sampler.local_batches(0) == fresh.local_batches(0)).all()  # the first epoch to train, still kept
+    assert len(built) == 3 + 4  # only `fresh` built anything more (epochs 0, 1, 2, then 0 again)
