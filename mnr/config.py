@@ -87,6 +87,9 @@ class TrainConfig:
     symmetric: bool = _f(False, "also rank each positive against all anchors (symmetric MNR)")
     gather_negatives: bool | None = _f(None, "score against the candidates of every process (default: on when "
                                        "more than one process runs)")
+    ddp_timeout: int = _f(1800, "seconds a process may wait in a collective before the run fails, e.g. for the "
+                          "token store that another process builds (NCCL's own default is 600; HF Trainer's "
+                          "ddp_timeout)")
     matryoshka_dims: str = _f("", "Matryoshka: comma-separated embedding sizes trained at once, e.g. 384,256,128,64; "
                               "the loss is the weighted sum of MNR on each truncated, re-normalised embedding "
                               "(empty: the full size only)")
@@ -151,6 +154,7 @@ class TrainConfig:
         need(self.save_steps >= 0, "save_steps", "must be >= 0")
         need(self.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0 keeps all)")
         need(self.log_steps >= 1, "log_steps", "must be >= 1")
+        need(self.ddp_timeout >= 1, "ddp_timeout", "must be >= 1 second")
         need(bool(self.output_dir.strip()), "output_dir", "must not be empty")
         need(not os.path.exists(self.cache_dir) or os.path.isdir(self.cache_dir), "cache_dir",
              "must be a directory (this is a file)")
@@ -280,7 +284,7 @@ HELP_GROUPS = {
     "optimisation": ["batch_size", "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
                      "scale", "symmetric", "matryoshka_dims", "matryoshka_weights", "mini_batch_size", "length_buckets", "length_grouping", "seed",
                      "skip_nonfinite"],
-    "distributed": ["gather_negatives"],
+    "distributed": ["gather_negatives", "ddp_timeout"],
     "evaluation": ["eval_data", "eval_dims", "eval_steps", "metric_for_best"],
     "checkpoints": ["output_dir", "overwrite_output_dir", "save_steps", "save_total_limit", "resume"],
     "logging": ["log_steps", "report_to", "progress"],

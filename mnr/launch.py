@@ -12,8 +12,10 @@ class LaunchError(RuntimeError):
 
 def make_accelerator(cfg: TrainConfig):
     """(accelerator, tracker in use): devices, DDP and precision come from the launch; checked before any work."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     report_to = cfg.report_to
     if report_to == "auto":
@@ -21,7 +23,8 @@ def make_accelerator(cfg: TrainConfig):
 
         report_to = "tensorboard" if is_tensorboard_available() else "none"
     accelerator = Accelerator(log_with=None if report_to == "none" else report_to, project_dir=cfg.output_dir,
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False),
+                                               InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))],
                               cpu=_launched_without_device())
     launched = distributed.launched_world_size()
     if launched > 1 and accelerator.num_processes != launched:

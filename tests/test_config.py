@@ -126,3 +126,30 @@ def test_prompts_default_to_the_base_models_and_an_empty_one_means_none(tmp_path
     path.write_text('query_prompt: "query: "\ndocument-prompt: "passage: "\npooling: cls\n')
     cfg = parse_config(["--config", str(path)])
     assert (cfg.pooling, cfg.query_prompt, cfg.document_prompt) == ("cls", "query: ", "passage: ")
+
+
+def test_ddp_timeout_reaches_the_process_group_set_up(monkeypatch):
+    """--ddp-timeout is handed to Accelerate's process-group set-up (NCCL's own default of 600 s would end a
+    run whose processes wait longer for the token store's build)."""
+    from datetime import timedelta
+
+    import accelerate
+
+    from mnr import launch
+
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def fake_accelerator(**kwargs):
+        seen.update(kwargs)
+        raise Captured
+
+    monkeypatch.setattr(accelerate, "Accelerator", fake_accelerator)
+    with pytest.raises(Captured):
+        launch.make_accelerator(parse_config(["--ddp-timeout", "7200", "--report-to", "none"]))
+    [init] = [h for h in seen["kwargs_handlers"] if type(h).__name__ == "InitProcessGroupKwargs"]
+    assert init.to_kwargs() == {"timeout": timedelta(seconds=7200)}
+    with pytest.raises(ConfigError, match=r"ddp_timeout=0 is invalid: must be >= 1 second"):
+        parse_config(["--ddp-timeout", "0"])
