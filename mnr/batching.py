@@ -287,8 +287,8 @@ def choose_negatives(rows: np.ndarray, example_indices: np.ndarray, k: int, seed
 
     An example with more than k negatives gets k of them drawn by a key hashed from (seed, epoch, example,
     slot): a pure function of (seed, epoch), different each epoch.  An example with fewer than k uses what it
-    has: its empty slots hold its positive's text (so every slot embeds something) and are masked out of the
-    loss.  With exactly k negatives everywhere the rows pass through unchanged."""
+    has: its empty slots hold its positive's text id and are masked out of the loss (the collator leaves them
+    out of the forward: `_without_empty_slots`).  With exactly k negatives everywhere the rows pass through unchanged."""
     negatives = rows[:, 2:]
     valid = negatives != NO_TEXT
     if negatives.shape[1] > k or not valid.all():
@@ -317,7 +317,10 @@ class Collator:
     negatives_per_query k (None: every column of text_ids as it stands): each example gets k negatives,
     chosen per epoch (`for_epoch`, see choose_negatives); with `masked`, the batch also carries
     "negative_mask" (B, k), False where an example had fewer than k (set it when any example of the data
-    has fewer: every process must then pass a mask, or the gathers would not match)."""
+    has fewer: every process must then pass a mask, or the gathers would not match).
+    An empty slot is not embedded: the batch then also carries "row_index" ((2 + k) * B,), which row of
+    input_ids each role-major row is (an empty slot names its positive's row), and the encoder's output is
+    indexed with it before the loss; without empty slots in the batch there is no row_index."""
 
     def __init__(self, token_ids, text_ids: np.ndarray, pad_token_id: int, negatives_per_query: int | None = None,
                  masked: bool = False, seed: int = 0):
@@ -339,6 +342,9 @@ class Collator:
         if self.k is not None:
             chosen, valid = choose_negatives(chosen, example_indices, self.k, self.seed, self.epoch)
         rows = chosen.T.reshape(-1)  # role-major: all anchors, then positives, then 1st negatives ...
+        row_index = None
+        if valid is not None and not valid.all():  # empty slots: embed their positive once, not again per slot
+            rows, row_index = _without_empty_slots(rows, valid)
         offsets = getattr(self.token_ids, "offsets", None)
         if offsets is not None:
             starts = np.asarray(offsets[rows])
@@ -356,7 +362,20 @@ class Collator:
                  "example_indices": torch.from_numpy(example_indices)}
         if self.masked:
             batch["negative_mask"] = torch.from_numpy(valid)
+        if row_index is not None:
+            batch["row_index"] = torch.from_numpy(row_index)
         return batch
+
+
+def _without_empty_slots(rows: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Role-major text ids of a batch ((2 + k) * B,) with the empty negative slots ((B, k) `valid` False) left
+    out, and for every original row its position among those left: an empty slot of example b points at the
+    row of b's positive (B + b), which is what the slot held."""
+    b = valid.shape[0]
+    keep = np.concatenate([np.ones(2 * b, dtype=bool), valid.T.reshape(-1)])
+    position = np.cumsum(keep) - 1
+    positive = b + np.arange(len(rows)) % b
+    return rows[keep], np.where(keep, position, positive).astype(np.int64)
 
 
 class _Indices(torch.utils.data.Dataset):

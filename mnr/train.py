@@ -187,10 +187,12 @@ def train_step(t: Trainer, batch: dict) -> torch.Tensor:
     input_ids = batch["input_ids"].to(t.accelerator.device, non_blocking=True)
     attention_mask = batch["attention_mask"].to(t.accelerator.device, non_blocking=True)
 
-    mask = batch.get("negative_mask")
-    mask = None if mask is None else mask.to(t.accelerator.device)
+    mask, rows = (None if batch.get(key) is None else batch[key].to(t.accelerator.device)
+                  for key in ("negative_mask", "row_index"))
 
     def loss_from_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
+        if rows is not None:  # empty negative slots were not embedded: they take their positive's row
+            embeddings = embeddings[rows]
         roles = split_roles(embeddings, t.n_roles)
         return mnr_loss(roles[0], roles[1], roles[2:] or None, negative_mask=mask, scale=t.cfg.scale,
                         symmetric=t.cfg.symmetric, gather=distributed.all_gather_with_grad if t.gather else _same,

@@ -1,6 +1,7 @@
 """Issue 13: one source per global batch, k hard negatives per query, hard negatives "auto"."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,8 +173,63 @@ def test_the_loader_carries_the_mask_and_the_sampler_ignores_empty_slots():
     assert sampler.steps_in_epoch(0) == 2  # the -1 slots never clash
     tokens = [[5, 6, 7]] * 200
     batch = next(iter(make_loader(sampler, Collator(tokens, rows, 0, 1, masked=True), 0)))
-    assert batch["input_ids"].shape[0] == 12 and batch["negative_mask"].shape == (4, 1)
+    assert batch["negative_mask"].shape == (4, 1)
     assert batch["negative_mask"][:, 0].tolist() == [bool(i % 2) for i in batch["example_indices"].tolist()]
+    # the empty slots are not embedded: 4 anchors + 4 positives + the real negatives; row_index restores 12 rows
+    real = int(batch["negative_mask"].sum())
+    assert real < 4 and batch["input_ids"].shape[0] == 8 + real and batch["row_index"].shape == (12,)
+
+
+def test_empty_slots_are_not_embedded_and_row_index_restores_every_row():
+    """The rows left out are exactly the empty slots; input_ids[row_index] is the batch with every slot filled
+    by its positive (as the loss sees it), and a batch without empty slots has no row_index."""
+    rows = np.array([[0, 1, 10, 11], [2, 3, 20, -1], [4, 5, -1, -1]], dtype=np.int32)
+    tokens = {t: [t + 100] * (1 + t % 3) for t in range(40)}
+    token_list = [tokens[t] for t in range(40)]
+    batch = Collator(token_list, rows, 0, 2, masked=True)(np.arange(3))
+    chosen, valid = choose_negatives(rows, np.arange(3), 2, 0, 0)
+    full = chosen.T.reshape(-1)  # role-major, empty slots holding the positive
+    expanded = batch["input_ids"][batch["row_index"]]
+    assert batch["input_ids"].shape[0] == 6 + int(valid.sum()) == 9
+    for r, t in enumerate(full.tolist()):
+        n = len(tokens[t])
+        assert expanded[r, :n].tolist() == tokens[t] and not expanded[r, n:].any()
+    exact = np.array([[0, 1, 10], [2, 3, 20]], dtype=np.int32)
+    assert "row_index" not in Collator(token_list, exact, 0, 1, masked=True)(np.arange(2))
+
+
+def _uneven_negatives(tmp_path) -> Path:
+    """32 pairs; every 4th has 3 negatives, the others 1: at --negatives-per-query all most slots are empty, and
+    the processes of a launch embed different numbers of rows."""
+    rows = [[f"a man {i} is here", f"a person {i} is here", *(f"no {i} {j}" for j in range(3 if i % 4 == 0 else 1))]
+            for i in range(32)]
+    data = tmp_path / "k.jsonl"
+    data.write_text("".join(json.dumps({"anchor": r[0], "positive": r[1], "negatives": r[2:]}) + "\n" for r in rows))
+    return data
+
+
+def _k_all_args(tiny_model, data, cache) -> list[str]:
+    return ["--model", str(tiny_model), "--train-data", str(data), "--eval-data", "none", "--max-steps", "3",
+            "--lr", "1e-3", "--warmup-ratio", "0", "--negatives-per-query", "all", "--max-seq-length", "32",
+            "--report-to", "none", "--no-progress", "--cache-dir", str(cache)]
+
+
+def test_training_without_embedding_empty_slots_gives_the_weights_of_embedding_them(tmp_path, tiny_model,
+                                                                                   monkeypatch):
+    """3 steps at --negatives-per-query all on data where most slots are empty: the same weights (dropout off)
+    as the same run with every slot embedded (the collator's row_index switched off)."""
+    from conftest import load_weights, max_abs_diff
+    from mnr import batching
+    from mnr.train import main
+
+    args = [*_k_all_args(tiny_model, _uneven_negatives(tmp_path), tmp_path / "cache"), "--batch-size", "8"]
+    assert main([*args, "--output-dir", str(tmp_path / "shared")]) == 0
+    assert main([*args, "--mini-batch-size", "5", "--output-dir", str(tmp_path / "shared_gradcache")]) == 0
+    monkeypatch.setattr(batching, "_without_empty_slots", lambda rows, valid: (rows, None))
+    assert main([*args, "--output-dir", str(tmp_path / "every")]) == 0
+    every = load_weights(tmp_path / "every")
+    assert max_abs_diff(load_weights(tmp_path / "shared"), every) < 1e-5
+    assert max_abs_diff(load_weights(tmp_path / "shared_gradcache"), every) < 1e-5
 
 
 def test_masked_negatives_are_no_candidates():
@@ -229,3 +285,17 @@ def test_two_sources_train_with_one_source_per_batch_and_count_steps(tmp_path, t
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     counts = [r["steps_per_source"] for r in logged if "steps_per_source" in r]
     assert [sum(c.values()) for c in counts] == [2, 4] and min(counts[-1].values()) >= 1
+
+
+@pytest.mark.slow
+def test_two_processes_embedding_different_row_counts_train_like_one_process(tmp_path, tiny_model):
+    """Without the empty slots the processes of a launch embed different numbers of rows (and GradCache runs a
+    different number of chunks on each): 2 processes x 4 still train the weights of 1 process x 8."""
+    from conftest import load_weights, max_abs_diff
+    from mnr.train import main
+    from test_distributed import MULTI_GPU, launch
+
+    args = [*_k_all_args(tiny_model, _uneven_negatives(tmp_path), tmp_path / "token-cache"), "--mini-batch-size", "3"]
+    assert main([*args, "--batch-size", "8", "--output-dir", str(tmp_path / "one")]) == 0
+    launch(MULTI_GPU, ["train_mnr.py", *args, "--batch-size", "4", "--output-dir", str(tmp_path / "two")], tmp_path)
+    assert max_abs_diff(load_weights(tmp_path / "two"), load_weights(tmp_path / "one")) < 5e-5
