@@ -402,21 +402,30 @@ def _setup(args) -> tuple[list[Evaluator], object, object]:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from mnr.matryoshka import DimsError
-    from mnr.model import ModelError
-
     device = None
     if distributed.launched_world_size() > 1:  # launched as N processes: one process group, shards
         from accelerate import Accelerator
 
         device = Accelerator(cpu=not torch.cuda.is_available()).device
     try:
+        return _evaluate(args, device)
+    finally:  # the process group left while the interpreter is whole (gloo aborts at exit otherwise, now and then)
+        distributed.shutdown()
+
+
+def _evaluate(args, device) -> int:
+    from mnr.matryoshka import DimsError
+    from mnr.model import ModelError
+
+    try:
         evaluators, encoder, tokenizer = _setup(args)
     except (DataError, ModelError, DimsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if distributed.launched_rank() == 0:  # every process has the same error: one line
+            print(f"error: {err}", file=sys.stderr)
         return 2
     if not evaluators:
-        print("error: --data none: nothing to evaluate", file=sys.stderr)
+        if distributed.launched_rank() == 0:
+            print("error: --data none: nothing to evaluate", file=sys.stderr)
         return 2
     encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results = [ev.by_dim(encoder, tokenizer) for ev in evaluators]

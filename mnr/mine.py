@@ -442,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
         distributed.shutdown()
         return 2
+    distributed.shutdown()  # while the interpreter is whole: gloo aborts at exit otherwise, now and then
     return 0
 
 

@@ -148,6 +148,11 @@ def main() -> None:
         with open(out_path, "w", encoding="utf-8") as fh:
             json.dump(everyone, fh, indent=2)
     accelerator.wait_for_everyone()
+    # As mnr.train's close(): the DDP model released and the group left while the interpreter is whole; DDP's
+    # last gloo work objects, destroyed only during interpreter shutdown, abort a process now and then
+    # ("terminate called without an active exception": this worker's launch failed so once in CI).
+    accelerator.free_memory()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":
