@@ -114,9 +114,21 @@ def _is_trainer(pid: int) -> bool:
     return any(c.endswith(b"train_mnr.py") for c in cmd) and not any(b"accelerate" in c for c in cmd)
 
 
+def _env() -> dict:
+    return {**os.environ, **common.OFFLINE_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run(cmd: list[str], log: Path) -> tuple[float, float]:
     """(wall seconds, peak PSS MiB of the largest training process)."""
-    env = {**os.environ, **common.OFFLINE_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = _env()
     peak: dict[int, float] = {}
     start = time.perf_counter()
     with open(log, "w") as fh:
@@ -141,29 +153,21 @@ def train_cmd(procs: int, model: Path, data: Path, cache: Path, out: Path) -> li
             "--no-progress", "--log-steps", "1"]
     if procs == 1:
         return [sys.executable, *args]
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(port), *args]
+            str(_free_port()), *args]
 
 
 def machines_cold_start(model: Path, data: Path, work: Path, shared: bool) -> tuple[float, list[int]]:
     """(wall seconds until both machines exited, texts tokenised per machine) of a cold start on two one-core
     "machines" (see the module docstring)."""
     import json
-    import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     caches = [work / "cache-shared"] * 2 if shared else [work / f"cache-node{m}" for m in (0, 1)]
     for cache in caches:
         shutil.rmtree(cache, ignore_errors=True)
-    env = {**os.environ, **common.OFFLINE_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = _env()
     procs, logs = [], []
     start = time.perf_counter()
     for machine in (0, 1):

@@ -440,9 +440,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if distributed.launched_rank() == 0:
             print(f"error: {err}", file=sys.stderr)
-        distributed.shutdown()
         return 2
-    distributed.shutdown()  # while the interpreter is whole: gloo aborts at exit otherwise, now and then
+    finally:  # the process group left while the interpreter is whole (gloo aborts at exit otherwise, now and then)
+        distributed.shutdown()
     return 0
 
 

@@ -213,9 +213,9 @@ def _check_arrays(path: Path, manifest: dict) -> str | None:
                 "offsets.bin": (store.token_ids.offsets, (texts + 1,))}
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"unreadable ({err})"
-    for name, (array, shape) in want.items():
-        if array.shape != shape:
-            return f"{name} has shape {array.shape}, the manifest's counts say {shape}"
+    for name, (values, shape) in want.items():
+        if values.shape != shape:
+            return f"{name} has shape {values.shape}, the manifest's counts say {shape}"
     return None
 
 
@@ -231,10 +231,13 @@ def _hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest(), "little")
 
 
+# Files of a split build in its temporary directory, for member m: the UTF-8 texts of its chunks and their int64
+# byte offsets, then their token ids and token lengths.
+_PARTS = {"text": "text-{}.bin", "off": "text-{}.off", "tok": "tok-{}.bin", "len": "len-{}.npy"}
+
+
 def _part(kind: str, member: int) -> str:
-    """Files of a split build in its temporary directory: `text-<m>.bin` / `text-<m>.off` (the UTF-8 texts of
-    member m's chunks and their int64 byte offsets), `tok-<m>.bin` / `len-<m>.npy` (their token ids, lengths)."""
-    return f"{kind}-{member}." + ("npy" if kind == "len" else "off" if kind == "off" else "bin")
+    return _PARTS[kind].format(member)
 
 
 class _TextTable:
@@ -349,13 +352,19 @@ class _TextTable:
             fh.close()
 
 
+def python_only(tokenizer) -> bool:
+    """Whether the tokenizer has no Rust backend (it then tokenises on one core)."""
+    return getattr(tokenizer, "backend_tokenizer", None) is None
+
+
 def backend_for(tokenizer, max_seq_length: int):
     """A copy of the fast tokenizer's Rust backend, truncating like `tokenizer(..., truncation=True,
     max_length=max_seq_length)` and never padding; None for a slow (Python) tokenizer."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    if python_only(tokenizer):
         return None
     from tokenizers import Tokenizer
+
+    backend = tokenizer.backend_tokenizer
 
     fast = Tokenizer.from_str(backend.to_str())
     fast.no_padding()
@@ -640,7 +649,7 @@ def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, 
     if all(ok for _, _, ok in looks):
         return open_store(final)
     # a fast tokenizer uses every core of its machine; a Python one uses one, so every process takes a share
-    builders = _builders(team, cache, every_process=backend_for(tokenizer, max_seq_length) is None)
+    builders = _builders(team, cache, every_process=python_only(tokenizer))
     leads = bool(builders) and builders[0] == team.rank
     lock = FileLock(str(final) + ".lock")
     build: _Build | None = None
