@@ -56,8 +56,10 @@ def check_backend(accelerator, cfg: TrainConfig) -> None:
 
     - GradCache runs several forwards/backwards per step; DeepSpeed steps the optimizer inside every
       accelerator.backward and FSDP has no equivalent of DDP's no_sync here.
-    - FSDP and ZeRO-3 shard the parameters: the rank-0-only evaluation and export would see shards.
-      (The all-gather of negatives is unaffected: it gathers activations, not parameters.)
+    - FSDP and ZeRO-3 shard the parameters, but the model export (main process: the final model, best/ and each
+      checkpoint's model files) and the non-finite weight check (every process, expected to agree) read the
+      local parameters as whole; no sharded checkpoint is written. (The all-gather of negatives is unaffected:
+      it gathers activations, not parameters.)
     - DeepSpeed applies the optimizer step inside accelerator.backward, before the non-finite check.
     """
     kind = str(accelerator.distributed_type)
@@ -65,16 +67,17 @@ def check_backend(accelerator, cfg: TrainConfig) -> None:
         raise LaunchError(f"--mini-batch-size (GradCache) is not supported under {kind}: its several forwards "
                           f"per step need DDP's no_sync; use multi-GPU DDP or drop --mini-batch-size")
     if "FSDP" in kind:
-        raise LaunchError(f"distributed_type={kind} is not supported: FSDP shards the parameters, so the "
-                          f"rank-0 evaluation and model export would see shards; use DDP "
+        raise LaunchError(f"distributed_type={kind} is not supported: FSDP shards the parameters, and the model "
+                          f"export and non-finite weight check read them whole on each process; use DDP "
                           f"(accelerate_configs/multi_gpu.yaml) or DeepSpeed ZeRO-2 "
                           f"(accelerate_configs/deepspeed_zero2.yaml)")
     if "DEEPSPEED" in kind:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         stage = ds.get("zero_optimization", {}).get("stage", 0)
         if stage not in (0, 1, 2):
-            raise LaunchError(f"DeepSpeed zero_stage={stage} is not supported: ZeRO-3 shards the parameters, "
-                              f"so the rank-0 evaluation and export would see shards; use zero_stage 1 or 2")
+            raise LaunchError(f"DeepSpeed zero_stage={stage} is not supported: ZeRO-3 shards the parameters, and the "
+                              f"model export and non-finite weight check read them whole on each process; "
+                              f"use zero_stage 1 or 2")
         if cfg.skip_nonfinite:
             raise LaunchError("--skip-nonfinite is not supported under DeepSpeed: DeepSpeed applies the "
                               "optimizer step inside backward, before mnr can check the loss")
