@@ -36,8 +36,8 @@ class CheckpointError(RuntimeError):
 
 
 # Run identity: what determines the weights a run produces. Every TrainConfig field is in it except these,
-# which may change between a run and its resume (README "Reliability" lists them). Data, model and eval files
-# enter by content hash, so an edited file under the same name is a different run.
+# which may change between a run and its resume (docs/reliability.md, "Run identity", lists them). Data, model
+# and eval files enter by content hash, so an edited file under the same name is a different run.
 MAY_CHANGE_ON_RESUME = ("log_steps", "eval_steps", "save_steps", "save_total_limit", "progress", "report_to",
                         "resume", "output_dir", "overwrite_output_dir", "cache_dir", "config", "skip_nonfinite",
                         "eval_dims", "ddp_timeout")

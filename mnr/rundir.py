@@ -1,7 +1,7 @@
 """The output directory of a run: the guard against writing into what belongs to something else, the lock that
 keeps a second run out, and moving an earlier run's checkpoints aside on --overwrite-output-dir.
 
-Rules (main process; README "Reliability"):
+Rules (main process; docs/reliability.md, "Output dirs"):
 - never the model's own directory (its weights and README would be overwritten), whatever the flags;
 - a non-empty dir is written into only when it holds this run (`mnr_run.json` with the same run identity) and
   `--resume` is given, or with `--overwrite-output-dir`: then the earlier run's checkpoints, best/ and
