@@ -58,7 +58,7 @@ class TrainConfig:
                               "temperature:T (size x weight, to the power 1/T)")
     source_weights: str = _f("", "comma-separated weights, one per --train-data source (or a YAML list; or "
                              "path*weight in --train-data); empty: 1 each")
-    mix_sources: bool = _f(False, "mix the sources inside each batch (the old behaviour) instead of one source "
+    mix_sources: bool = _f(False, "mix the sources inside each batch instead of one source "
                            "per global batch")
     max_seq_length: int = _f(128, "truncate every text to this many tokens (batches are padded to their longest)")
     cache_dir: str = _f("", "token store directory (memory-mapped, built once); empty = $MNR_CACHE or ~/.cache/mnr")
