@@ -1,6 +1,6 @@
 """Nothing lost: kill/resume gives the uninterrupted weights, clean SIGTERM, numerical faults, bad input.
 
-Each row of the "Reliability" table in docs/reliability.md names the test here that backs it.
+Each row of the fault table in docs/reliability.md names the test here that backs it.
 """
 
 from __future__ import annotations
