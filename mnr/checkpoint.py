@@ -44,11 +44,15 @@ MAY_CHANGE_ON_RESUME = ("log_steps", "eval_steps", "save_steps", "save_total_lim
 _FULL_HASH_LIMIT = 1 << 30  # weight files above 1 GiB: hash of the safetensors header + size + mtime instead
 
 
-def run_identity(cfg, world_size: int, model_path: str, train_spec: str, eval_spec: str) -> dict:
-    """The fingerprint of a run, flat (key -> value), compared key by key on resume (cfg: a TrainConfig)."""
+def run_identity(cfg, world_size: int, model_path: str, train_spec: str, eval_spec: str, objective=None) -> dict:
+    """The fingerprint of a run, flat (key -> value), compared key by key on resume (cfg: a TrainConfig; the loss's
+    entries are the objective's `identity()`, default the one the config chooses)."""
     from mnr.model import pipeline_choices, read_pipeline
+    from mnr.objectives import OBJECTIVE_FIELDS, objective_from_config
 
     settings = {k: v for k, v in cfg.to_dict().items() if k not in MAY_CHANGE_ON_RESUME}
+    # the config's loss fields as the objective states them (None: not a setting of it), then entries of its own
+    settings.update(dict.fromkeys(OBJECTIVE_FIELDS) | (objective or objective_from_config(cfg)).identity())
     # pooling and prompts as the run uses them (a default follows the base model's sentence-transformers files)
     settings.update(pipeline_choices(read_pipeline(model_path), cfg.pooling, cfg.query_prompt, cfg.document_prompt))
     return {"world_size": world_size, **settings, "model_files": _model_hash(model_path),

@@ -46,7 +46,8 @@ def cached_loss_and_backward(
 ) -> torch.Tensor:
     """Accumulate into the parameters' .grad the gradient of loss_fn(model(rows)) and return the loss.
 
-    loss_fn maps all rows' embeddings (n, d) to the scalar loss (it may gather across processes).
+    loss_fn maps all rows' embeddings (n, d) to the scalar loss (train_step: the objective bound to the step's rows
+    and gather; it may gather across processes).
     no_sync(model) (DDP's, via Accelerate) wraps all chunks' backward but the last, so gradients are
     all-reduced once per step.
     """

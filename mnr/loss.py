@@ -16,7 +16,8 @@ from mnr.matryoshka import cut
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _identity(t: torch.Tensor) -> torch.Tensor:
+def no_gather(t: torch.Tensor) -> torch.Tensor:
+    """The gather of a single process (or of a loss that scores against this process's candidates only)."""
     return t
 
 
@@ -42,7 +43,7 @@ def mnr_loss(
     negative_mask: torch.Tensor | None = None,
     scale: float = 20.0,
     symmetric: bool = False,
-    gather: Gather = _identity,
+    gather: Gather = no_gather,
     rank: int = 0,
     dims: Sequence[int] | None = None,
     dim_weights: Sequence[float] | None = None,

@@ -28,10 +28,11 @@ from mnr.data import DataError, split_specs
 from mnr.evaluate import Evaluator, build_evaluators, metric_choices
 from mnr.gradcache import cached_loss_and_backward
 from mnr.launch import LaunchError, make_accelerator
-from mnr.loss import mnr_loss, split_roles
+from mnr.loss import no_gather
 from mnr.matryoshka import label, record_dims
 from mnr.model import (ModelError, choose_pipeline, load_encoder, max_positions, nonfinite_weights, resolve_model_path,
                        save_model)
+from mnr.objectives import Objective, Rows, objective_from_config
 from mnr.reporting import LogWindow, MetricsLog, Progress, StopRequest, setup_logging
 from mnr.rundir import OutputDirError, open_output_dir, release_locks, write_marker
 from mnr.store import Prompts, Team, prepare_train_store
@@ -69,6 +70,7 @@ class Trainer:
     examples: int
     data_stats: str  # what happened to every row read (kept / skipped, by reason)
     gather: bool  # score against the candidates of every process
+    objective: Objective  # the loss of one global step's embeddings (mnr/objectives.py)
     k: int = 0  # hard negatives per query (0: pairs)
     stop: StopRequest = field(default_factory=StopRequest)
     progress: Progress | None = None
@@ -186,22 +188,16 @@ def train_step(t: Trainer, batch: dict) -> torch.Tensor:
     """Forward and backward of one global step on this process's rows; returns the (local) loss."""
     input_ids = batch["input_ids"].to(t.accelerator.device, non_blocking=True)
     attention_mask = batch["attention_mask"].to(t.accelerator.device, non_blocking=True)
+    rows = Rows.of_batch(batch, t.n_roles, t.accelerator.device)
+    gather, rank = (distributed.all_gather_with_grad, distributed.rank()) if t.gather else (no_gather, 0)
 
-    mask, rows = (None if batch.get(key) is None else batch[key].to(t.accelerator.device)
-                  for key in ("negative_mask", "row_index"))
-
-    def loss_from_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
-        if rows is not None:  # empty negative slots were not embedded: they take their positive's row
-            embeddings = embeddings[rows]
-        roles = split_roles(embeddings, t.n_roles)
-        return mnr_loss(roles[0], roles[1], roles[2:] or None, negative_mask=mask, scale=t.cfg.scale,
-                        symmetric=t.cfg.symmetric, gather=distributed.all_gather_with_grad if t.gather else _same,
-                        rank=distributed.rank() if t.gather else 0, dims=t.cfg.dims, dim_weights=t.cfg.dim_weights)
+    def loss_of(embeddings: torch.Tensor) -> torch.Tensor:
+        return t.objective(embeddings, rows, gather, rank)
 
     if t.cfg.mini_batch_size:  # GradCache: chunks of mini_batch_size rows, the gradient of the whole batch
-        return cached_loss_and_backward(t.model, input_ids, attention_mask, t.cfg.mini_batch_size,
-                                        loss_from_embeddings, t.accelerator.backward, t.accelerator.no_sync)
-    loss = loss_from_embeddings(t.model(input_ids, attention_mask))  # one forward over all roles
+        return cached_loss_and_backward(t.model, input_ids, attention_mask, t.cfg.mini_batch_size, loss_of,
+                                        t.accelerator.backward, t.accelerator.no_sync)
+    loss = loss_of(t.model(input_ids, attention_mask))  # one forward over all roles
     t.accelerator.backward(loss)
     return loss
 
@@ -236,8 +232,9 @@ def setup(cfg: TrainConfig) -> Trainer:
     setup_logging(distributed.is_main())
     model_path, train_spec = resolve_model_path(cfg.model), cfg.train_data or str(EMBEDDED_TRAIN)
     # hashed once, by the main process (the data files are read whole), and shared with the others
+    objective = objective_from_config(cfg)
     identity = distributed.run_on_main(lambda: run_identity(cfg, accelerator.num_processes, model_path, train_spec,
-                                                            cfg.eval_data or str(EMBEDDED_EVAL)), share=True)
+                                                            cfg.eval_data or str(EMBEDDED_EVAL), objective), share=True)
     out = prepare_output_dir(cfg, model_path, identity)
     resume_from = _find_resume(cfg, out)
     set_seed(cfg.seed)
@@ -264,7 +261,8 @@ def setup(cfg: TrainConfig) -> Trainer:
                 best_metric=best_metric,
                 metrics=MetricsLog(accelerator, out / "metrics.jsonl"), state=TrainState(run_identity=identity),
                 out=out, total_steps=total_steps, examples=examples, data_stats=data_stats, k=k,
-                gather=cfg.gather_negatives if cfg.gather_negatives is not None else world > 1)
+                gather=cfg.gather_negatives if cfg.gather_negatives is not None else world > 1,
+                objective=objective)
     if resume_from is not None:
         t.state = _resume(t, *resume_from)
     t.metrics.truncate_after(t.state.global_step if resume_from else -1)  # records a resume redoes, or all
@@ -428,10 +426,6 @@ def _resume(t: Trainer, checkpoint: Path, state: TrainState) -> TrainState:
 # the loop's named stages
 
 
-def _same(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
-
-
 def _check_step(loss: torch.Tensor, grad_norm, signum: int) -> tuple[bool, bool]:
     """One host sync per step: is the loss/gradient non-finite here or anywhere, and did any process get a
     stop signal (all processes must agree, or one would wait forever in the next collective)."""
@@ -540,16 +534,14 @@ def export(t: Trainer, path: Path, scores: dict[str, float] | None = None) -> No
 def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:
     """The run's facts for the model card (schema in mnr/card.py)."""
     cfg = t.cfg
-    settings = {"loss": "MultipleNegativesRankingLoss" + (" (symmetric)" if cfg.symmetric else ""),
+    settings = {**t.objective.describe(),  # the loss's rows: "loss" first
                 "hard negatives": t.k > 0, "hard negatives per query": t.k, "batch size per process": cfg.batch_size,
                 "processes": t.world, "global batch size": t.global_batch,
                 "negatives per anchor": t.negatives_per_anchor, "learning rate": cfg.lr,
-                "warm-up ratio": cfg.warmup_ratio, "weight decay": cfg.weight_decay, "scale": cfg.scale,
+                "warm-up ratio": cfg.warmup_ratio, "weight decay": cfg.weight_decay,
                 "max_seq_length (training)": cfg.max_seq_length, "epochs": cfg.epochs, "seed": cfg.seed}
     if cfg.mini_batch_size:
         settings["GradCache mini-batch"] = cfg.mini_batch_size
-    if cfg.dims:
-        settings["Matryoshka dims (weights)"] = f"{cfg.matryoshka_dims} ({', '.join(map(str, cfg.dim_weights))})"
     metrics: dict = {}
     for name in dict.fromkeys([*t.state.metrics_before, *scores]):
         evaluator, metric = name.split("/", 1)

@@ -456,10 +456,10 @@ def test_nonfinite_weights_are_never_exported(tmp_path, tiny_model, train_file, 
 
 
 def test_skip_nonfinite_stops_when_too_many_steps_are_skipped(tmp_path, tiny_model, train_file, monkeypatch, capsys):
-    import mnr.train as train_mod
+    import mnr.objectives as objectives
 
-    real = train_mod.mnr_loss
-    monkeypatch.setattr(train_mod, "mnr_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = objectives.mnr_loss
+    monkeypatch.setattr(objectives, "mnr_loss", lambda *a, **k: real(*a, **k) * float("nan"))
     assert main(_args(tiny_model, train_file, tmp_path / "o", "--max-steps", "4", "--skip-nonfinite")) == 2
     assert "2 of 4 steps skipped" in capsys.readouterr().err
 
