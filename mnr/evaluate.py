@@ -130,10 +130,17 @@ def encode(encoder, tokenizer, texts: list[str], max_seq_length: int = 128, batc
 
 def sharded(batches: list[list[int]], compute: Callable[[list[list[int]]], torch.Tensor | None]) -> torch.Tensor:
     """Process r computes batches r, r+N, r+2N, ... (`compute` gets a list of batches and returns their rows in
-    batch order, or None for no batches); every process gets all rows, in item order.  Each batch is computed
-    exactly as a single process would compute it, so the result does not depend on the number of processes."""
+    batch order, one per item, or None for no batches); every process gets all rows, in item order.  Each batch is
+    computed exactly as a single process would compute it, so the result does not depend on the number of processes.
+    Every process computes the same number of batches, ceil(n / N): one with a batch fewer also computes a copy of
+    the first batch and drops its rows, so collectives inside `compute` (sharded parameters) stay in step."""
     world, rank = distributed.world_size(), distributed.rank()
-    parts = distributed.all_gather_rows(compute(batches[rank::world]))
+    mine = batches[rank::world]
+    filler = [batches[0]] * (-(-len(batches) // world) - len(mine))
+    rows = compute(mine + filler)
+    if filler and rows is not None:
+        rows = rows[: rows.shape[0] - len(batches[0])] if mine else None
+    parts = distributed.all_gather_rows(rows)
     order = [b for r in range(world) for b in batches[r::world]]
     return _in_item_order(order, torch.cat(parts))
 
