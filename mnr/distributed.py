@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from mnr.collective import together
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -98,29 +100,23 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def raise_first(errors: list) -> None:
-    """Raise the first exception of a gathered list on every process (no-op when all are None)."""
-    for error in errors:
-        if error is not None:
-            raise error
-
-
 def run_on_main(fn, share: bool = False):
-    """fn() on the main process only; its exception, if any, is raised on every process (a sync point).
+    """fn() on the main process only; its exception, if any, is raised on every process (a sync point; one that
+    does not pickle as a RuntimeError with its message, see `collective.together`).
 
     Work done on the main process alone (output dir, export) must not leave the other processes waiting in a
     collective when it fails: they would block, or die with a transport traceback when the main one exits.
     share=True: every process returns the main process's result (it must pickle), for work all of them need
-    but one should do (e.g. hashing the training data once, not once per process)."""
-    result, error = None, None
-    if is_main():
-        try:
-            result = fn()
-        except Exception as err:  # re-raised below, on every process
-            error = err
-    error, shared = all_gather_object((error, result if share else None))[0]
-    raise_first([error])
-    return shared if share else result
+    but one should do (e.g. hashing the training data once, not once per process); else the main process's
+    result stays on it (the others get None)."""
+    kept = []
+
+    def on_main():
+        kept.append(fn() if is_main() else None)
+        return kept[0] if share else None  # only a shared result has to pickle
+
+    shared = together(all_gather_object, on_main)[0]
+    return shared if share else kept[0]
 
 
 def shutdown() -> None:

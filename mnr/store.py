@@ -49,6 +49,7 @@ from typing import Callable
 
 import numpy as np
 
+from mnr.collective import together
 from mnr.data import (DOCUMENT, NO_TEXT, QUERY, DataError, DataStats, default_cache_dir, drop_repeats, is_local,
                       iter_examples, load_hub, map_ids, no_examples_error, pad_rows, split_specs)
 
@@ -557,32 +558,6 @@ class Team:
     gather: Callable[[object], list] = _alone
 
 
-def _together(team: Team, fn):
-    """fn() on this process, then one gather: every process gets every process's result, or the first failure
-    of any process is raised on all of them (no process is left waiting in a collective)."""
-    try:
-        out, error = fn(), None
-    except Exception as err:  # raised below, on every process
-        out, error = None, _picklable(err)
-    gathered = team.gather((out, error))
-    for _, err in gathered:
-        if err is not None:
-            raise err
-    return [o for o, _ in gathered]
-
-
-def _picklable(err: Exception) -> Exception:
-    """`err`, or its message in a RuntimeError when it cannot travel to the other processes (an exception that
-    fails to pickle would stop this process short of the collective, and leave the others waiting in it)."""
-    import pickle
-
-    try:
-        pickle.loads(pickle.dumps(err))
-    except Exception:  # noqa: BLE001 - any failure to pickle
-        return RuntimeError(f"{type(err).__name__}: {err}")
-    return err
-
-
 def _builders(team: Team, cache: Path, every_process: bool = False) -> list[int]:
     """The ranks that build this process's store together: the first process of each machine (`every_process`:
     every process) whose cache dir is the same directory as this one's, seen through a probe file each of them
@@ -599,9 +574,9 @@ def _builders(team: Team, cache: Path, every_process: bool = False) -> list[int]
                                 f"pass a writable --cache-dir") from None
         return probe and probe.name
 
-    names = _together(team, leave_probe)
+    names = together(team.gather, leave_probe)
     try:
-        views = _together(team, lambda: [r for r, name in enumerate(names)
+        views = together(team.gather, lambda: [r for r, name in enumerate(names)
                                          if name and (cache / name).exists()] if helps else [])
     finally:
         if probe is not None:
@@ -643,7 +618,7 @@ def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, 
 
     team = team or Team()
     specs, cache = split_specs(specs), Path(cache_dir or default_cache_dir())
-    looks = _together(team, lambda: _look(cache, specs, hard_negatives, tokenizer, max_seq_length, prompts))
+    looks = together(team.gather, lambda: _look(cache, specs, hard_negatives, tokenizer, max_seq_length, prompts))
     fingerprint, what, _ = looks[team.rank]
     final = cache / f"store-{fingerprint}"
     if all(ok for _, _, ok in looks):
@@ -677,9 +652,9 @@ def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, 
 
     try:
         with _tokenizer_threads(), _no_cyclic_gc():
-            plans = _together(team, read)
-            _together(team, tokenise)
-        _together(team, lambda: build and build.finish(fingerprint, what))
+            plans = together(team.gather, read)
+            together(team.gather, tokenise)
+        together(team.gather, lambda: build and build.finish(fingerprint, what))
     except BaseException:
         if build is not None:
             build.abort()

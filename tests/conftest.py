@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import string
+import threading
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,47 @@ def max_abs_diff(a: dict, b: dict) -> float:
     """Largest absolute difference over all tensors of two state dicts with the same keys."""
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+class ThreadTeam:
+    """n "processes" as threads; gather() is a real collective: it returns only once all n have called it, and
+    what it passes is pickled, as between processes.  A barrier that waits past `timeout` s fails the test (a
+    process left waiting) instead of hanging it; `local.rank` is the calling thread's rank."""
+
+    def __init__(self, n: int, timeout: float = 60):
+        self.n, self.slots, self.barrier = n, [None] * n, threading.Barrier(n, timeout=timeout)
+        self.calls = [0] * n
+        self.local = threading.local()
+
+    def gather(self, obj) -> list:
+        rank = self.local.rank
+        self.calls[rank] += 1
+        self.slots[rank] = pickle.loads(pickle.dumps(obj))  # what crosses between processes must pickle
+        self.barrier.wait()
+        out = list(self.slots)
+        self.barrier.wait()
+        return out
+
+    def member(self, rank: int, local_main: bool = True):
+        """The store's Team of member `rank`."""
+        from mnr.store import Team
+
+        return Team(rank, local_main, self.gather)
+
+    def run(self, fn) -> list:
+        """fn(rank) on every member at once; each member's result or exception."""
+        results: list = [None] * self.n
+
+        def one(rank):
+            self.local.rank = rank
+            try:
+                results[rank] = fn(rank)
+            except BaseException as err:  # noqa: BLE001 - the test looks at it
+                results[rank] = err
+
+        threads = [threading.Thread(target=one, args=(r,)) for r in range(self.n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        return results

@@ -6,17 +6,16 @@ the process group; `tests/test_distributed.py` runs it for real with two `accele
 
 from __future__ import annotations
 
-import pickle
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import nli_rows, write_tsv
+from conftest import ThreadTeam, nli_rows, write_tsv
 from mnr import store as store_mod
 from mnr.data import DataError
-from mnr.store import FILES, Team, prepare_train_store
+from mnr.store import FILES, prepare_train_store
 
 
 @pytest.fixture()
@@ -24,43 +23,6 @@ def tok(tiny_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model)
-
-
-class ThreadTeam:
-    """n "processes" as threads; gather() is a real collective: it returns only once all n have called it, and
-    what it passes is pickled, as between processes."""
-
-    def __init__(self, n: int):
-        self.n, self.slots, self.barrier = n, [None] * n, threading.Barrier(n, timeout=60)
-        self.calls = [0] * n
-
-    def member(self, rank: int, local_main: bool = True) -> Team:
-        def gather(obj):
-            self.calls[rank] += 1
-            self.slots[rank] = pickle.loads(pickle.dumps(obj))  # what crosses between processes must pickle
-            self.barrier.wait()
-            out = list(self.slots)
-            self.barrier.wait()
-            return out
-
-        return Team(rank, local_main, gather)
-
-    def run(self, fn) -> list:
-        """fn(rank) on every member at once; each member's result or exception."""
-        results: list = [None] * self.n
-
-        def one(rank):
-            try:
-                results[rank] = fn(rank)
-            except BaseException as err:  # noqa: BLE001 - the test looks at it
-                results[rank] = err
-
-        threads = [threading.Thread(target=one, args=(r,)) for r in range(self.n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        return results
 
 
 def _data(tmp_path: Path) -> str:
