@@ -52,7 +52,7 @@ def tokenizer_cpu(tokenizer, path: Path, n: int) -> dict[str, float]:
 
 
 def build_phases(tokenizer, path: Path, stub: bool) -> dict[str, float]:
-    from mnr import store
+    from mnr.store import build as store, prepare_train_store
 
     stamps: dict[str, float] = {}
     start, cpu0 = time.time(), _cpu()
@@ -78,7 +78,7 @@ def build_phases(tokenizer, path: Path, stub: bool) -> dict[str, float]:
     if stub:
         store.encode = one_token
     try:
-        store.prepare_train_store(str(path), tokenizer, 128, False, str(cache))
+        prepare_train_store(str(path), tokenizer, 128, False, str(cache))
     finally:
         store._TextTable.finish, store.os.replace, store.encode = finish, replace, encode
         shutil.rmtree(cache, ignore_errors=True)

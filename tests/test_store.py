@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import nli_rows, write_tsv
-from mnr import store as store_mod
+from mnr.store import build as store_build
 from mnr.batching import Collator
 from mnr.data import DataError, load_examples
 from mnr.store import check_store, prepare_train_store
@@ -98,7 +98,7 @@ def test_an_interrupted_build_leaves_nothing_a_later_run_trusts(tmp_path, tok, m
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store_mod, "encode", interrupted)
+    monkeypatch.setattr(store_build, "encode", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_train_store(path, tok, 6, True, str(cache))
     assert not [p for p in cache.iterdir() if not p.name.endswith(".lock")]  # no store, no temp dir
@@ -135,7 +135,7 @@ def test_the_fast_path_tokenises_exactly_like_the_tokenizer_call(tok):
     texts = ["A Man, playing!", "Café au lait — naïve résumé", "漢字 and kana かな mixed", "x" * 300,
              "word " * 40, "tabs\tand\nnewlines", "ünïcödé ÀÉÎ", "   padded   "]
     for max_len in (6, 32):
-        values, lengths = store_mod.encode(tok, texts, max_len, store_mod.backend_for(tok, max_len))
+        values, lengths = store_build.encode(tok, texts, max_len, store_build.backend_for(tok, max_len))
         expected = tok(texts, truncation=True, max_length=max_len)["input_ids"]
         assert lengths.tolist() == [len(e) for e in expected]
         assert values.tolist() == [i for e in expected for i in e]

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import ThreadTeam, nli_rows, write_tsv
-from mnr import store as store_mod
+from mnr.store import build as store_build
+from mnr.store import team as store_team
 from mnr.data import DataError
 from mnr.store import FILES, prepare_train_store
 
@@ -23,6 +24,12 @@ def tok(tiny_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def _share_by(monkeypatch, fn) -> None:
+    """Every member tokenises its share with fn: the leader's own in the build, the others' in the team."""
+    monkeypatch.setattr(store_build, "tokenise_share", fn)
+    monkeypatch.setattr(store_team, "tokenise_share", fn)
 
 
 def _data(tmp_path: Path) -> str:
@@ -35,7 +42,7 @@ def _files(store) -> dict[str, bytes]:
 
 def test_machines_sharing_the_cache_dir_split_the_tokenising_and_write_the_one_process_files(
         tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(store_mod, "TOKENISE_CHUNK", 3)  # many chunks: every machine gets several
+    monkeypatch.setattr(store_build, "TOKENISE_CHUNK", 3)  # many chunks: every machine gets several
     data = _data(tmp_path)
     alone = prepare_train_store(data, tok, 16, True, str(tmp_path / "alone"))
     team = ThreadTeam(3)
@@ -87,7 +94,7 @@ class PythonTokenizer:
 def test_with_a_python_tokenizer_every_process_of_a_machine_takes_a_share(tmp_path, tok, monkeypatch):
     """One machine, two processes: a fast tokenizer's thread pool already uses every core (rank 0 alone
     tokenises); a Python tokenizer uses one, so both processes tokenise a share."""
-    monkeypatch.setattr(store_mod, "TOKENISE_CHUNK", 3)
+    monkeypatch.setattr(store_build, "TOKENISE_CHUNK", 3)
     data = _data(tmp_path)
     built = {}
     for name, tokenizer in (("fast", tok), ("python", PythonTokenizer(tok))):
@@ -103,22 +110,22 @@ def test_with_a_python_tokenizer_every_process_of_a_machine_takes_a_share(tmp_pa
 
 
 def test_a_machine_failing_its_share_stops_every_process_and_leaves_nothing(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(store_mod, "TOKENISE_CHUNK", 3)
+    monkeypatch.setattr(store_build, "TOKENISE_CHUNK", 3)
     data = _data(tmp_path)
-    real = store_mod.tokenise_share
+    real = store_build.tokenise_share
 
     def disk_full(directory, member, *args):
         if member == 1:
             raise OSError(28, "No space left on device")
         return real(directory, member, *args)
 
-    monkeypatch.setattr(store_mod, "tokenise_share", disk_full)
+    _share_by(monkeypatch, disk_full)
     team = ThreadTeam(3)
     cache = tmp_path / "shared"
     errors = team.run(lambda r: prepare_train_store(data, tok, 16, True, str(cache), team=team.member(r)))
     assert all(isinstance(e, OSError) and "No space left" in str(e) for e in errors), errors
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []  # no store, temp dir, probe
-    monkeypatch.setattr(store_mod, "tokenise_share", real)
+    _share_by(monkeypatch, real)
     assert len(prepare_train_store(data, tok, 16, True, str(cache))) > 0  # the lock was released
 
 
@@ -138,10 +145,10 @@ def test_the_assembly_of_shares_refuses_a_short_share(tmp_path):
     np.array([7, 8], np.int32).tofile(d / "tok-1.bin")
     np.array([1, 2, 3], np.int32).tofile(d / "tok-0.bin")
     with pytest.raises(DataError, match="machine 1 was given 2 texts and returned 1 lengths"):
-        store_mod._assemble(d, [2, 2], 2)
+        store_build.assemble(d, [2, 2], 2)
     np.save(d / "len-1.npy", np.array([1, 2], np.int64))  # 2 lengths, but 3 tokens for a 2-token file
     with pytest.raises(DataError, match="machine 1 .* summing to 3 tokens, with 2 tokens"):
-        store_mod._assemble(d, [2, 2], 2)
+        store_build.assemble(d, [2, 2], 2)
 
 
 def test_an_error_that_cannot_be_pickled_still_reaches_every_process(tmp_path, tok, monkeypatch):
@@ -153,8 +160,8 @@ def test_an_error_that_cannot_be_pickled_still_reaches_every_process(tmp_path, t
     def broken(*args, **kwargs):
         raise Unpicklable("the tokenizer broke")
 
-    monkeypatch.setattr(store_mod, "tokenise_share", broken)
-    monkeypatch.setattr(store_mod, "TOKENISE_CHUNK", 3)
+    _share_by(monkeypatch, broken)
+    monkeypatch.setattr(store_build, "TOKENISE_CHUNK", 3)
     team = ThreadTeam(2)
     errors = team.run(lambda r: prepare_train_store(_data(tmp_path), tok, 16, True, str(tmp_path / "c"),
                                                     team=team.member(r)))
