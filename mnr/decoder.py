@@ -189,3 +189,38 @@ def cast_state_dict(state: dict[str, torch.Tensor], dtype: str | None) -> dict[s
     if target is None:
         raise ValueError(f"save_dtype={dtype!r}; one of float32, bfloat16")
     return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def tokenizer_appends_eos(tokenizer) -> bool:
+    """Does the tokenizer end every encoded text in its EOS by itself (its post-processor)?"""
+    ids = tokenizer("a")["input_ids"]
+    return tokenizer.eos_token_id is not None and bool(ids) and ids[-1] == tokenizer.eos_token_id
+
+
+def make_tokenizer_append_eos(tokenizer) -> bool:
+    """Make the tokenizer's post-processor append its EOS (keeping the special tokens it puts before the text,
+    a BOS), so that every user of the saved tokenizer (sentence-transformers, AutoTokenizer, mnr's evaluators)
+    encodes texts as training did, EOS exactly once, truncation keeping it.  Returns False when it already
+    does.  ValueError for a tokenizer without EOS, or one that puts special tokens after the text."""
+    from tokenizers import processors
+
+    eos = tokenizer.eos_token
+    if eos is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token to append")
+    if tokenizer_appends_eos(tokenizer):
+        return False
+    plain, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
+    if full[len(full) - len(plain):] != plain:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} adds special tokens after the "
+                         f"text: {tokenizer.convert_ids_to_tokens(full)}; mnr cannot add the EOS to it")
+    prefix = tokenizer.convert_ids_to_tokens(full[:len(full) - len(plain)])
+    specials = dict(zip(prefix, full[:len(prefix)])) | {eos: tokenizer.eos_token_id}
+    head = " ".join(f"{t}:0" for t in prefix)
+    template = processors.TemplateProcessing(
+        single=f"{head} $A:0 {eos}:0".strip(), pair=f"{head} $A:0 {eos}:0 $B:1 {eos}:1".strip(),
+        special_tokens=list(specials.items()))
+    backend = tokenizer.backend_tokenizer
+    # a ByteLevel post-processor only trims offsets: keep it in front of the template
+    backend.post_processor = (processors.Sequence([backend.post_processor, template])
+                              if isinstance(backend.post_processor, processors.ByteLevel) else template)
+    return True

@@ -8,8 +8,8 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
 
 from mnr.decoder import (append_eos, append_eos_batch, as_float32, cast_state_dict, default_pooling,
-                         ensure_pad_token, float32_math, is_decoder, pad_batch, position_ids, set_bidirectional,
-                         trim_columns)
+                         ensure_pad_token, float32_math, is_decoder, make_tokenizer_append_eos, pad_batch,
+                         position_ids, set_bidirectional, tokenizer_appends_eos, trim_columns)
 from mnr.loss import mnr_loss
 from mnr.model import last_token_pool, mean_pool
 from tiny_decoders import cached_decoder
@@ -75,6 +75,22 @@ def test_eos_once_whether_or_not_the_tokenizer_adds_it(decoders):
                     assert row[0] == tokenizer.bos_token_id
                 if max_len is None:  # nothing of the text is lost
                     assert tokenizer.decode(row, skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_eos", "llama", "gpt2"])
+def test_a_saved_tokenizer_appends_the_eos_as_training_does(decoders, family, tmp_path):
+    """After make_tokenizer_append_eos, the tokenizer itself (saved and reloaded: what an export's users get)
+    encodes every text as append_eos does, its own truncation keeping the EOS."""
+    tokenizer = AutoTokenizer.from_pretrained(decoders[family])
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    before = {n: tokenizer(TEXTS, truncation=n is not None, max_length=n)["input_ids"] for n in (None, 6)}
+    assert make_tokenizer_append_eos(tokenizer) == (family != "qwen2_eos")
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer_appends_eos(reloaded) and not make_tokenizer_append_eos(reloaded)
+    for n, rows in before.items():
+        expected = append_eos_batch(rows if n is None else before[None], eos, n, bos_id=bos)
+        assert reloaded(TEXTS, truncation=n is not None, max_length=n)["input_ids"] == expected
 
 
 def test_a_tokenizer_without_pad_token_pads_with_eos(decoders):
