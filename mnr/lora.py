@@ -113,7 +113,9 @@ def trainable_line(model: nn.Module) -> str:
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base's state dict (its own key names, no peft prefixes) with every adapted weight replaced by
-    W + scale * B @ A (computed in float32, stored in W's dtype).  The model itself is not changed."""
+    W + scale * B @ A (computed in float32, stored in W's dtype).  The model itself is not changed; the tensors
+    not adapted are the model's own (detached, not copied): cast them (`mnr.decoder.cast_state_dict`), never
+    change them in place."""
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
@@ -134,7 +136,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if ".lora_" in key:
                 continue
             key = key.replace(".base_layer.", ".")
-            state[key] = merged.get(key, value).detach().clone()
+            state[key] = merged.get(key, value).detach()  # no copy: an export must not double the memory
     if missing := set(merged) - set(state):
         raise LoraError(f"merged weights without a base key: {sorted(missing)[:3]}")
     return state

@@ -207,6 +207,24 @@ def test_the_loss_is_float32_under_bf16_autocast():
     assert as_float32(anchors) is anchors and as_float32(anchors.bfloat16()).dtype == torch.float32
 
 
+def test_accelerate_bf16_autocasts_the_forward_only(decoders):
+    """With mixed_precision bf16 Accelerate autocasts the prepared model's forward: its linear layers run in bf16,
+    the pooled embeddings come out float32, and a loss computed outside the forward is float32."""
+    from accelerate import Accelerator
+
+    from mnr.model import Encoder, Pipeline
+
+    tokenizer, transformer = load(decoders["qwen2"])
+    encoder = Accelerator(mixed_precision="bf16", cpu=True).prepare(Encoder(transformer, pipeline=Pipeline("lasttoken")))
+    states = []
+    hook = transformer.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, out: states.append(out.dtype))
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    embeddings = encoder(enc["input_ids"], enc["attention_mask"])
+    hook.remove()
+    assert states == [torch.bfloat16] and embeddings.dtype == torch.float32
+    assert mnr_loss(embeddings[:2], embeddings[2:]).dtype == torch.float32
+
+
 def test_cast_state_dict_casts_floating_tensors_only():
     state = {"w": torch.randn(2, 2), "ids": torch.arange(3)}
     bf = cast_state_dict(state, "bfloat16")
