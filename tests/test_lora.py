@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 from conftest import build_tiny_model
 from mnr.decoder import ensure_pad_token
 from mnr.lora import (LoraError, LoraSettings, apply_lora, base_module, load_adapter, merged_state_dict,
-                      save_adapter, trainable_line, trainable_parameters)
+                      save_adapter, save_transformer, trainable_line, trainable_parameters)
 from mnr.model import Encoder, POOLINGS, load_encoder, save_model
 from tiny_decoders import cached_decoder
 
@@ -120,6 +120,20 @@ def test_the_base_saves_the_merged_weights_under_its_own_names(tmp_path):
     assert not any(info.values()), info
     encoder.transformer = plain
     assert float((embed(encoder.eval(), tokenizer) - trained).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_save_transformer_writes_the_merged_weights_in_the_asked_dtype(dtype, tmp_path):
+    from transformers import AutoModel
+
+    encoder, tokenizer = adapted(cached_decoder("qwen2"), "lasttoken")
+    trained = embed(encoder, tokenizer)
+    save_transformer(encoder.transformer, tmp_path, dtype)
+    plain = AutoModel.from_pretrained(tmp_path)
+    assert next(plain.parameters()).dtype == (torch.bfloat16 if dtype else torch.float32)
+    assert {p.dtype for p in encoder.transformer.parameters()} == {torch.float32}  # the training model is untouched
+    encoder.transformer = plain.float()
+    assert float((embed(encoder.eval(), tokenizer) - trained).abs().max()) < (5e-2 if dtype else 1e-5)
 
 
 @pytest.mark.parametrize("kind", ["bert", "qwen2"])
