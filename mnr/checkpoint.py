@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from mnr import distributed
+from mnr.atomic import fsync_tree, is_write_failure, replace, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -204,44 +205,56 @@ def newest_intact_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, Train
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: TrainState,
                     export_model: Callable[[Path], None], save_total_limit: int = 0) -> Path:
-    """Every process calls this (Accelerate saves each process's RNG state). Returns the final path."""
+    """Every process calls this (Accelerate saves each process's RNG state). Returns the final path.
+    A failure to write (a full disk ...) removes the partial `checkpoint-<step>.tmp` and raises one
+    CheckpointError naming the checkpoint, on every process; any other exception removes it too."""
     out = Path(output_dir)
     final = out / f"checkpoint-{step}"
     tmp = out / f"checkpoint-{step}.tmp"
+
+    def failed(error) -> CheckpointError:
+        reason = error if isinstance(error, str) else write_error(final, error)
+        return CheckpointError(f"saving checkpoint-{step} failed: {reason}; the previous checkpoint is intact: "
+                               f"{latest_checkpoint(out) or 'none yet'}")
+
     error = None
-    if distributed.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    distributed.barrier()
     try:
-        accelerator.save_state(str(tmp / STATE_DIR), safe_serialization=True)
-        if distributed.is_main():
-            export_model(tmp)
-    except OSError as err:
-        error = err
-    failed = any(distributed.all_gather_object(error is not None))  # also: every process's files are written
-    if failed:
+        try:
+            if distributed.is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+        except OSError as err:
+            error = err
+        distributed.barrier()
+        try:
+            if error is None:
+                accelerator.save_state(str(tmp / STATE_DIR), safe_serialization=True)
+                if distributed.is_main():
+                    export_model(tmp)
+        except Exception as err:
+            if not is_write_failure(err):
+                raise
+            error = err
+        if any(distributed.all_gather_object(error is not None)):  # also: every process's files are written
+            raise failed(error or "a write failed on another process")
+
+        def complete() -> None:
+            state.files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            (tmp / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2))  # last: marks it complete
+            fsync_tree(tmp)
+            replace(tmp, final)
+            if save_total_limit:
+                for old in rotated_out(list_checkpoints(out), step, save_total_limit):
+                    shutil.rmtree(old, ignore_errors=True)
+
+        try:
+            distributed.run_on_main(complete)
+        except OSError as err:
+            raise failed(err) from None
+    except BaseException:
         if distributed.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(out)
-        raise CheckpointError(f"saving checkpoint-{step} failed ({error or 'on another process'}); "
-                              f"the previous checkpoint is intact: {previous or 'none yet'}")
-
-    def complete() -> None:
-        state.files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2))  # last: marks the checkpoint complete
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if save_total_limit:
-            for old in rotated_out(list_checkpoints(out), step, save_total_limit):
-                shutil.rmtree(old, ignore_errors=True)
-
-    try:
-        distributed.run_on_main(complete)
-    except OSError as err:
-        raise CheckpointError(f"saving checkpoint-{step} failed ({err}); the previous checkpoint is intact: "
-                              f"{latest_checkpoint(out) or 'none yet'}") from None
+        raise
     return final
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from mnr import distributed
+from mnr.atomic import atomic_file, own_input
 from mnr.data import DataError, _text, load_examples, read_source, split_specs
 
 logger = logging.getLogger(__name__)
@@ -286,7 +287,8 @@ def output_kind(path: str) -> str:
 
 
 def write_rows(path: str, rows: list[list[str]], k: int) -> None:
-    """TSV (no quoting: a text holding a tab or newline is an error, use .jsonl) or JSONL."""
+    """TSV (no quoting: a text holding a tab or newline is an error, use .jsonl) or JSONL; written aside and
+    renamed into place (a failure leaves `path` as it was and raises a one-line WriteError)."""
     header = ["anchor", "positive", *output_negative_columns(k)]
     kind = output_kind(path)
     if kind == "tsv":
@@ -294,14 +296,12 @@ def write_rows(path: str, rows: list[list[str]], k: int) -> None:
         if bad is not None:
             raise DataError(f"--output {path}: text {bad[:60]!r} holds a tab or line break; write .jsonl instead")
     opener = gzip.open if path.endswith(".gz") else open
-    tmp = f"{path}.tmp"
-    with opener(tmp, "wt", encoding="utf-8", newline="") as fh:
+    with atomic_file(path) as tmp, opener(tmp, "wt", encoding="utf-8", newline="") as fh:
         if kind == "tsv":
             fh.write("\t".join(header) + "\n")
             fh.writelines("\t".join(row) + "\n" for row in rows)
         else:
             fh.writelines(json.dumps(dict(zip(header, row)), ensure_ascii=False) + "\n" for row in rows)
-    os.replace(tmp, path)
 
 
 def read_corpus(spec: str) -> list[str]:
@@ -362,6 +362,12 @@ def _options(args) -> MineOptions:
     output_kind(args.output)
     if os.path.isdir(args.output):
         raise DataError(f"--output {args.output}: is a directory")
+    inputs = [s for spec in (args.pairs, args.corpus) if spec for s in split_specs(spec)]
+    for written in (args.output, f"{args.output}.summary.json"):
+        clash = own_input(written, inputs)  # by device and inode: a link to an input is the input
+        if clash is not None:
+            raise DataError(f"--output {args.output}: {written} is the input {clash} (it would be replaced); "
+                            f"write the mined file to another path")
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):  # found now, not after the mining
         raise DataError(f"--output {args.output}: {folder} is not a writable directory")
@@ -415,8 +421,8 @@ def run(args, device) -> dict:
 
     def write() -> None:
         write_rows(args.output, result.rows, opts.num_negatives)
-        with open(f"{args.output}.summary.json", "w", encoding="utf-8") as fh:
-            json.dump(summary, fh, indent=2)
+        with atomic_file(f"{args.output}.summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
         print_summary(summary, args.output)
 
     distributed.run_on_main(write)

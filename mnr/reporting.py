@@ -91,25 +91,48 @@ class Progress:
             self.bar.stop()
 
 
+class Stopped(BaseException):
+    """A stop signal ended the run where nothing could be saved (a BaseException, as KeyboardInterrupt: no
+    `except Exception` turns it into another error)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
 class StopRequest:
-    """SIGTERM / Ctrl-C: finish the current step, save, exit non-zero (second Ctrl-C kills at once)."""
+    """SIGTERM, Ctrl-C (SIGINT), SIGHUP: one behaviour, whatever the signal.
+
+    `at_once` (before training starts: nothing to save yet) raises `Stopped` from the handler; otherwise the
+    signal is recorded in `signum` and the run stops at its next safe point (the end of the step, evaluation or
+    export), saving first. A second signal raises `Stopped` at once. A signal the process was started with
+    ignored (`nohup`, a background job's SIGINT) stays ignored."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.signum = 0
+        self.at_once = True
         self._previous = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.SIGNALS:
             try:
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not in the main thread (e.g. a notebook worker): leave signals alone
                 pass
 
     def _handle(self, signum, frame) -> None:
-        if self.signum:  # second signal: give up now
-            self.restore()
-            raise KeyboardInterrupt
-        self.signum = signum
+        first = not self.signum
+        self.signum = self.signum or signum
+        if self.at_once or not first:
+            raise Stopped(signum)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

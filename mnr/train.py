@@ -21,8 +21,9 @@ import torch
 
 from mnr import distributed
 from mnr.batching import Collator, GlobalBatchSampler, make_loader
-from mnr.checkpoint import (CheckpointError, TrainState, load_checkpoint, newest_intact_checkpoint, read_state,
-                            run_identity, save_checkpoint)
+from mnr.atomic import atomic_dir, staged_into
+from mnr.checkpoint import (CheckpointError, TrainState, latest_checkpoint, load_checkpoint, newest_intact_checkpoint,
+                            read_state, run_identity, save_checkpoint)
 from mnr.config import EMBEDDED_EVAL, EMBEDDED_TRAIN, TrainConfig
 from mnr.data import DataError, split_specs
 from mnr.evaluate import Evaluator, build_evaluators, metric_choices
@@ -33,8 +34,8 @@ from mnr.matryoshka import label, record_dims
 from mnr.model import (ModelError, choose_pipeline, load_encoder, max_positions, nonfinite_weights, resolve_model_path,
                        save_model)
 from mnr.objectives import Objective, Rows, objective_from_config
-from mnr.reporting import LogWindow, MetricsLog, Progress, StopRequest, setup_logging
-from mnr.rundir import OutputDirError, open_output_dir, release_locks, write_marker
+from mnr.reporting import LogWindow, MetricsLog, Progress, Stopped, StopRequest, setup_logging
+from mnr.rundir import OutputDirError, mark_finished, open_output_dir, release_locks, write_marker
 from mnr.store import Prompts, Team, prepare_train_store
 
 logger = logging.getLogger("mnr")
@@ -102,22 +103,32 @@ class Trainer:
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train as configured; returns a summary (scores, steps, paths). Raises a USER_ERRORS type on bad input."""
+    """Train as configured; returns a summary (scores, steps, paths). Raises a USER_ERRORS type on bad input.
+    A stop signal (SIGTERM, Ctrl-C, SIGHUP) is heard from the start to the export: before training it stops at
+    once (nothing to save), later at the next safe point, after saving (see StopRequest)."""
     t = None
+    stop = StopRequest()
+    stop.install()
     try:
-        t = setup(cfg)
-        if t.state.global_step == 0 and not t.state.metrics_before:
-            t.state.metrics_before = _evaluate_and_log(t, "before training")
-        t.summary["metrics_before"] = t.state.metrics_before
-        t.stop.install()
+        try:
+            t = setup(cfg)
+            t.stop = stop
+            if t.state.global_step == 0 and not t.state.metrics_before:
+                t.state.metrics_before = _evaluate_and_log(t, "before training")
+            t.summary["metrics_before"] = t.state.metrics_before
+        except Stopped as stopped:
+            return _stopped_at_once(Path(cfg.output_dir), stopped, "before training started")
+        stop.at_once = False
         t.progress = Progress(cfg.progress, t.total_steps, t.state.global_step)
         try:
             completed = train(t)
         finally:
             t.progress.close()
-            t.stop.restore()
         return finish(t) if completed else t.summary
+    except Stopped as stopped:  # a second signal
+        return _stopped_at_once(Path(cfg.output_dir), stopped, "again")
     finally:
+        stop.restore()
         release_locks()  # the output dir's lock, however the run ended
         if t is not None:
             close(t)
@@ -203,21 +214,57 @@ def train_step(t: Trainer, batch: dict) -> torch.Tensor:
 
 
 def finish(t: Trainer) -> dict:
-    """Final evaluation, best/ and the exported model; returns the run's summary."""
+    """Final evaluation, best/ and the exported model; returns the run's summary. A stop signal during the
+    evaluation saves the trained state (a resume finishes from there); one during the export lets it end."""
     after = _evaluate_and_log(t, "after training")
+    if _stop_agreed(t):
+        _report_stop(t, _final_checkpoint(t), "during the final evaluation")
+        return t.summary
     bad = nonfinite_weights(t.accelerator.unwrap_model(t.model))  # the same on every process
     if bad:
         raise TrainingError(f"not exported: {len(bad)} weight tensors hold NaN or inf after step {t.state.global_step} "
                             f"(first: {bad[0]}); start again with a lower --lr")
     if after and t.cfg.eval_steps:
         _keep_best(t, after)
-    distributed.run_on_main(lambda: export(t, t.out, after))
+    distributed.run_on_main(lambda: _export_final(t, after))
     st = t.state
     t.summary.update(metrics_after=after, steps=st.global_step, skipped_steps=st.skipped_steps,
                      steps_per_source=t.sampler.steps_by_source(st.epoch, st.step_in_epoch),
                      best_metric=t.best_metric, best_score=st.best_score)
     t.accelerator.print(f"model saved to {t.out} ({st.global_step} steps)")
+    if _stop_agreed(t):
+        t.accelerator.print(f"{_signal_name(t)} received during the export: the export completed, the run is "
+                            f"finished")
     return t.summary
+
+
+def _export_final(t: Trainer, scores: dict[str, float]) -> None:
+    """The final model, written aside and moved into the output dir once whole; then mnr_run.json says finished."""
+    with staged_into(t.out) as tmp:
+        export(t, t.out, scores, into=tmp)
+    mark_finished(t.out)
+
+
+def _stop_agreed(t: Trainer) -> bool:
+    """Whether any process got a stop signal (all processes call it and get the same answer)."""
+    return distributed.any_true(torch.tensor([float(t.stop.signum > 0)], device=t.accelerator.device))[0]
+
+
+def _final_checkpoint(t: Trainer) -> Path:
+    """A checkpoint of the last step: the one saved at it (complete), else a new one."""
+    step = t.state.global_step
+    saved = distributed.run_on_main(lambda: str(latest_checkpoint(t.out) or ""), share=True)
+    return Path(saved) if saved and Path(saved).name == f"checkpoint-{step}" else save(t)
+
+
+def _stopped_at_once(out: Path, stopped: Stopped, when: str) -> dict:
+    """The line of a run that a signal stopped where nothing could be saved; the summary says interrupted."""
+    newest = latest_checkpoint(out)
+    saved = (f"the newest checkpoint is {newest}; resume with the same command plus --resume auto" if newest
+             else "nothing was saved; run the same command again")
+    if distributed.launched_rank() == 0:
+        print(f"{stopped.name} received {when}: stopped at once; {saved}.", flush=True)
+    return {"interrupted": stopped.signum}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,9 +442,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def prepare_output_dir(cfg: TrainConfig, model_path: str, identity: dict) -> Path:
-    """Lock and check the output dir before any work (see mnr/rundir.py); a refusal stops every process."""
+    """Lock and check the output dir before any work (see mnr/rundir.py); a refusal stops every process.
+    The run's inputs (data files, cache dir, model, checkpoint) are never moved aside by --overwrite-output-dir."""
     out = Path(cfg.output_dir)
-    distributed.run_on_main(lambda: open_output_dir(out, model_path, identity, cfg.resume, cfg.overwrite_output_dir))
+    sources = [s.strip().rsplit("*", 1)[0].strip() for spec in (cfg.train_data, cfg.eval_data) for s in
+               (spec or "").split(",")]
+    keep = tuple(p for p in [*sources, cfg.cache_dir, model_path, cfg.resume if cfg.resume != "auto" else ""]
+                 if p and os.path.exists(p))
+    distributed.run_on_main(lambda: open_output_dir(out, model_path, identity, cfg.resume, cfg.overwrite_output_dir,
+                                                    keep))
     return out
 
 
@@ -409,7 +462,13 @@ def _find_resume(cfg: TrainConfig, out: Path) -> tuple[Path, TrainState] | None:
         if found is None:
             logger.info("--resume auto: no complete checkpoint in %s, starting from scratch", out)
         return found
-    return Path(cfg.resume), read_state(cfg.resume)  # fails early on a directory that is not a checkpoint
+    checkpoint, state = Path(cfg.resume), read_state(cfg.resume)  # fails early on a dir that is not a checkpoint
+    if state.best_score is not None and checkpoint.resolve().parent != out.resolve():
+        logger.info("resuming from %s into another output dir: its best/ (score %s) stays in %s; the best score "
+                    "starts again, the next evaluation writes %s", checkpoint, state.best_score,
+                    checkpoint.resolve().parent, out / "best")
+        state.best_score = None
+    return checkpoint, state
 
 
 def _resume(t: Trainer, checkpoint: Path, state: TrainState) -> TrainState:
@@ -518,17 +577,25 @@ def _keep_best(t: Trainer, scores: dict[str, float]) -> None:
     st = t.state
     if st.best_score is None or score > st.best_score:
         st.best_score = score
-        distributed.run_on_main(lambda: export(t, t.out / "best", scores))  # a failure stops every process
+        distributed.run_on_main(lambda: _export_best(t, scores))  # a failure stops every process
         logger.info("new best %s %s at step %d -> %s", t.best_metric, _shown(t.best_metric, score), st.global_step,
                     t.out / "best")
 
 
-def export(t: Trainer, path: Path, scores: dict[str, float] | None = None) -> None:
-    """The model as it is now, in HF + sentence-transformers layout with a model card (main process)."""
+def _export_best(t: Trainer, scores: dict[str, float]) -> None:
+    with atomic_dir(t.out / "best") as tmp:  # whole or absent: a kill or a full disk leaves the previous best/
+        export(t, t.out / "best", scores, into=tmp)
+
+
+def export(t: Trainer, path: Path, scores: dict[str, float] | None = None, into: Path | None = None) -> None:
+    """The model as it is now, in HF + sentence-transformers layout with a model card (main process); written
+    into `into` (a temporary dir that becomes `path`) when given, the card naming `path`."""
     cfg = t.cfg
     user_length = cfg.max_seq_length if "max_seq_length" in getattr(cfg, "given", ()) else None
-    save_model(t.accelerator.unwrap_model(t.model), t.tokenizer, path, user_length, card=_card_info(t, path, scores or {}))
-    record_dims(path, cfg.dims)  # the Matryoshka sizes, for `mnr.evaluate` and the card's truncate_dim
+    target = into or path
+    save_model(t.accelerator.unwrap_model(t.model), t.tokenizer, target, user_length,
+               card=_card_info(t, path, scores or {}))
+    record_dims(target, cfg.dims)  # the Matryoshka sizes, for `mnr.evaluate` and the card's truncate_dim
 
 
 def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:
@@ -557,16 +624,26 @@ def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:
 def save(t: Trainer) -> Path:
     """A resumable checkpoint of this step (every process takes part)."""
     t.state.scheduler = {k: v for k, v in t.scheduler.state_dict().items() if k != "lr_lambdas"}
-    path = save_checkpoint(t.accelerator, t.out, t.state.global_step, t.state, lambda p: export(t, p),
+    path = save_checkpoint(t.accelerator, t.out, t.state.global_step, t.state,
+                           lambda tmp: export(t, tmp.with_name(tmp.name.removesuffix(".tmp")), into=tmp),
                            t.cfg.save_total_limit)
     logger.info("saved checkpoint %s", path)
     return path
 
 
-def _report_stop(t: Trainer, path: Path) -> None:
-    name = signal.Signals(t.stop.signum).name
-    t.accelerator.print(f"{name} received: stopped after step {t.state.global_step}; state saved in {path}. "
-                        f"Resume with the same command plus --resume auto (or --resume {path}).")
+def _signal_name(t: Trainer) -> str:
+    """The stop signal's name, the same on every process (one that got none takes another's)."""
+    t.stop.signum = t.stop.signum or max(distributed.all_gather_object(t.stop.signum))
+    return signal.Signals(t.stop.signum).name
+
+
+def _report_stop(t: Trainer, path: Path, when: str = "") -> None:
+    """The stop line (every process calls it); `when`: a stop after the last step, during the final evaluation."""
+    name, step = _signal_name(t), t.state.global_step
+    done = f"{when}: training is complete at step {step}" if when else f": stopped after step {step}"
+    t.accelerator.print(f"{name} received{' ' + done if when else done}; state saved in {path}. "
+                        f"Resume with the same command plus --resume auto (or --resume {path})"
+                        f"{' to evaluate and export' if when else ''}.")
     t.summary["interrupted"] = t.stop.signum
 
 

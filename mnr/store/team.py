@@ -99,7 +99,7 @@ def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, 
     then every one of those machines (processes, with a Python tokenizer) tokenises its share, and the leader
     joins the shares and renames.
     Any process's failure is raised on all of them."""
-    from filelock import FileLock
+    from mnr.atomic import ExclusiveLock  # removed on release: no store-*.lock left in the cache
 
     team = team or Team()
     specs, cache = split_specs(specs), Path(cache_dir or default_cache_dir())
@@ -111,7 +111,7 @@ def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, 
     # a fast tokenizer uses every core of its machine; a Python one uses one, so every process takes a share
     builders = _builders(team, cache, every_process=python_only(tokenizer))
     leads = bool(builders) and builders[0] == team.rank
-    lock = FileLock(str(final) + ".lock")
+    lock = ExclusiveLock(str(final) + ".lock")
     build: Build | None = None
 
     def read():
