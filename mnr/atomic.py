@@ -8,7 +8,7 @@
   "cannot write <path>: disk full (<reason>)".
 - `ExclusiveLock`: a flock on a file that is removed on release; a waiter that got the lock on a removed file
   takes it again on the new one, so two holders never coexist.
-- `same_file` / `refuse_own_input`: an output that is one of the inputs (by device and inode: links included).
+- `same_file` / `own_input`: an output that is one of the inputs (by device and inode: links included).
 """
 
 from __future__ import annotations
@@ -63,8 +63,10 @@ def write_error(path: str | os.PathLike, err: BaseException) -> WriteError:
     full = code in _FULL or any(m in text for m in ("No space left", "StorageFull", "QuotaExceeded", "os error 28"))
     if not full and code is None:  # torch's messages do not say why: a disk with nothing left does
         full = _free_bytes(Path(path)) < (1 << 20)
+    if any(mark in text for mark in _TORCH_WRITE):  # its text is an internal assertion
+        reason = "No space left on device" if full else f"torch.save: {text}"
     kind = ("disk full" if full else "not writable" if code in _READ_ONLY or "PermissionDenied" in text
-            else "disk full or not writable")
+            else "write failed")
     return WriteError(f"cannot write {path}: {kind} ({reason})", errno.ENOSPC if full else code)
 
 

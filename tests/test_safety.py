@@ -326,7 +326,7 @@ def small_disk(tmp_path):
                                            capture_output=True).returncode != 0:
         pytest.skip("mounting a tmpfs needs root")
     yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_really_full_disk_gives_one_line_and_nothing_partial(tmp_path, tiny_model, train_file, small_disk, capsys):
