@@ -151,12 +151,12 @@ def test_sigterm_during_the_final_evaluation_saves_and_resume_auto_finishes(tmp_
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_before_training_stops_with_one_line_and_leaves_nothing(tmp_path, tiny_model, train_file, sts,
                                                                          monkeypatch, capsys, sig):
-    import mnr.store as store
     import mnr.train as train_mod
+    from mnr.store.build import Build
 
     out, cache = tmp_path / "run", tmp_path / "cache"
     if sig == signal.SIGTERM:  # in the token store build
-        _signal_on_call(monkeypatch, store._Build, "read", 1, sig=sig)
+        _signal_on_call(monkeypatch, Build, "read", 1, sig=sig)
     else:  # in the evaluation before training
         _signal_on_call(monkeypatch, train_mod, "evaluate", 1, sig=sig)
     assert main(_args(tiny_model, train_file, out, "--eval-data", str(sts), "--max-steps", "3",
@@ -395,3 +395,18 @@ def test_atomic_dir_and_staged_into_leave_the_old_contents_on_failure(tmp_path):
     with staged_into(tmp_path) as tmp:
         (tmp / "model").write_text("whole")
     assert _names(tmp_path) == ["best", "model"]
+
+
+def test_a_signal_ignored_at_start_stays_ignored():
+    from mnr.reporting import StopRequest
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        before = signal.getsignal(signal.SIGTERM)
+        stop = StopRequest()
+        stop.install()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) != before
+        stop.restore()
+        assert signal.getsignal(signal.SIGTERM) == before
+    finally:
+        signal.signal(signal.SIGHUP, previous)
