@@ -180,6 +180,22 @@ def test_fsdp_shard_model_makes_the_calls_accelerates_fsdp2_plugin_makes(monkeyp
     assert mine[-1][1] == "default"
 
 
+def test_fsdp_accelerate_shards_a_wrapper_per_layer_only_when_it_names_its_layer_classes(monkeypatch):
+    """Accelerate reads `_no_split_modules` of the module it prepares: an embedder around the transformer must
+    expose the transformer's (or the config name them), else the whole model is one unit."""
+    monkeypatch.delenv("FSDP_TRANSFORMER_CLS_TO_WRAP", raising=False)
+    bare = _recorded_plan(monkeypatch, lambda: _accelerate_prepare(MODELS["encoder_llama"](), True, None, "no"))
+    assert [c[0] for c in bare] == [("Encoder",)]
+
+    def exposed():
+        encoder = MODELS["encoder_llama"]()
+        encoder._no_split_modules = encoder.transformer._no_split_modules
+        return encoder
+
+    theirs = _recorded_plan(monkeypatch, lambda: _accelerate_prepare(exposed(), True, None, "no"))
+    assert theirs == _recorded_plan(monkeypatch, lambda: sharding.shard_model(MODELS["encoder_llama"]()))
+
+
 def test_fsdp_shard_model_names_a_layer_class_the_model_lacks():
     with pytest.raises(sharding.ShardingError, match="'GPT2Block' is not in the model"):
         sharding.shard_model(_bare_llama(), layer_classes=["GPT2Block"])
