@@ -169,9 +169,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="pairs per process")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="1 step, no GradCache table")
+    parser.add_argument("--runs", default="fsdp,fsdp-lora,ddp-lora,ddp", help="comma-separated, of these")
+    parser.add_argument("--no-gradcache", action="store_true", help="no GradCache table")
     parser.add_argument("--work", default="/tmp/bench_fsdp")
     parser.add_argument("--port", type=int, default=29571)
     parser.add_argument("--out", help="also write the tables to this file")
+    parser.add_argument("--append", action="store_true", help="add to --out instead of replacing it")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -185,7 +188,8 @@ def main() -> None:
               "steps only: peak PSS (GiB) | s / step |", "|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     params = 0
-    for mode, lora in (("fsdp", False), ("fsdp", True), ("ddp", True), ("ddp", False)):
+    runs = {"fsdp": ("fsdp", False), "fsdp-lora": ("fsdp", True), "ddp-lora": ("ddp", True), "ddp": ("ddp", False)}
+    for mode, lora in (runs[r] for r in args.runs.split(",")):
         need = 2 * params * 4 * 5  # DDP, full: params, grads, gradient buckets, 2 AdamW moments, float32, x2
         if mode == "ddp" and not lora and need > 0.9 * available():
             lines.append(f"| DDP | skipped: needs ~{gib(need)} GiB for 2 processes, {gib(available())} GiB free |")
@@ -200,7 +204,7 @@ def main() -> None:
                 f"| {max(r0['step_s'][-1], rows[1]['step_s'][-1]):.1f} |")
         lines.append(line)
         print(line, flush=True)
-    if not args.quick:
+    if not args.quick and not args.no_gradcache:
         extra = ["", f"GradCache under FSDP2: hidden 512, {args.layers} layers, intermediate 2048, vocab {args.vocab}, "
                  f"{4 * args.batch} pairs per process in 4 chunks, {args.steps} steps",
                  "| gradient sync | peak PSS / process (GiB) | steps only: peak PSS (GiB) | s / step (last) |",
@@ -220,7 +224,8 @@ def main() -> None:
     print(lines[-1])
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
+        with open(args.out, "a" if args.append else "w") as fh:
+            fh.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
