@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
@@ -22,7 +21,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from mnr import distributed
+from mnr import atomic, distributed
 
 SHARDING_FILE = "sharding.json"  # world size and format of a sharded checkpoint; written last
 CPU_SWITCH = "MNR_FSDP_CPU"  # =1: shard per layer on the CPU (gloo) as Accelerate's plugin does on GPUs
@@ -217,29 +216,34 @@ def no_sync(module: nn.Module) -> Iterator[None]:
 def save_sharded(module: nn.Module, optimizer: torch.optim.Optimizer | None, path: str | os.PathLike) -> Path:
     """Collective. Each process writes its shard of the model (and optimizer) state with torch distributed
     checkpoint into `<path>.tmp`; after all have written, the main process writes SHARDING_FILE (the world
-    size) and renames the directory to `path`, replacing an older one. A crash leaves no `path` half written.
-    Returns `path`."""
+    size), fsyncs and renames the directory to `path`, replacing an older one (mnr.atomic). A failure on any
+    process removes the temporary and leaves `path` as it was. Returns `path`."""
     import torch.distributed.checkpoint as dcp
 
     final = Path(path)
     tmp = final.with_name(final.name + ".tmp")
 
     def fresh() -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.remove(tmp)
         tmp.mkdir(parents=True)
-
-    distributed.run_on_main(fresh)  # a sync point: tmp exists, empty, before anyone writes
-    dcp.save(_state(module, optimizer), checkpoint_id=str(tmp))  # raises on every process if one fails
 
     def complete() -> None:
         meta = {"world_size": distributed.world_size(), "format": "torch.distributed.checkpoint",
                 "optimizer": optimizer is not None}
         (tmp / SHARDING_FILE).write_text(json.dumps(meta))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        atomic.fsync_tree(tmp)
+        atomic.replace(tmp, final)
 
-    distributed.run_on_main(complete)  # a sync point: nobody reads `path` before it is complete
+    try:
+        distributed.run_on_main(fresh)  # a sync point: tmp exists, empty, before anyone writes
+        dcp.save(_state(module, optimizer), checkpoint_id=str(tmp))  # raises on every process if one fails
+        distributed.run_on_main(complete)  # a sync point: nobody reads `path` before it is complete
+    except BaseException as err:  # DCP's CheckpointException is a BaseException
+        if distributed.is_main():
+            atomic.remove(tmp)
+        if atomic.is_write_failure(err):
+            raise atomic.write_error(final, err) from err
+        raise
     return final
 
 

@@ -251,3 +251,35 @@ def test_fsdp_incomplete_sharded_checkpoint_is_refused(tmp_path):
     (tmp_path / "ckpt.tmp").mkdir()  # a save that died before the rename
     with pytest.raises(sharding.ShardingError, match="no complete sharded checkpoint"):
         sharding.load_sharded(torch.nn.Linear(2, 2), None, tmp_path / "ckpt.tmp")
+
+
+def test_fsdp_sharded_checkpoint_round_trip_and_a_failed_save_leaves_the_previous_one(tmp_path, monkeypatch):
+    """One process, no process group: the same files and rename; a save that fails midway removes its
+    temporary and keeps the checkpoint that was there."""
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    sharding.save_sharded(model, optimizer, tmp_path / "ckpt")
+    assert sharding.sharding_meta(tmp_path / "ckpt") == {"world_size": 1, "format": "torch.distributed.checkpoint",
+                                                         "optimizer": True}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", disk_full)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        sharding.save_sharded(model, optimizer, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt.tmp").exists()
+    monkeypatch.undo()
+    fresh = torch.nn.Linear(3, 2)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    sharding.load_sharded(fresh, fresh_optimizer, tmp_path / "ckpt")
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == 1
