@@ -3,8 +3,8 @@
 Every process computes its numbers; rank 0 writes them to OUT_DIR/<mode>.json and the test asserts on them.
 
 train: for each case, a tiny random decoder (Llama, last-token pooling) or BERT (mean pooling), sharded with
-  mnr.sharding.shard_model, trains STEPS steps at B pairs per process (gathered negatives, clipping active,
-  AdamW); an unsharded copy trains on the same 2B pairs in this process alone (no process group involved).
+  mnr.sharding.shard_model, trains STEPS steps at B pairs per process (mnr.objectives.MNR with gathered
+  negatives, clipping active, AdamW); an unsharded copy trains on the same 2B pairs in this process alone (no process group involved).
   Recorded: the largest weight difference of the full state dict to the unsharded copy, the gradient norms of
   both, what the other process got from full_state_dict, nonfinite_parameters with a NaN in one shard.
   The "resume" case also saves a sharded checkpoint after step SAVE_AT and writes its final weights.
@@ -81,14 +81,15 @@ def step(model, optimizer, ids, mask, variant: str, sharded: bool) -> float:
     """One training step (forward, backward, clip, AdamW); returns the gradient norm before clipping."""
     from mnr import distributed, sharding
     from mnr.gradcache import cached_loss_and_backward
-    from mnr.loss import mnr_loss
+    from mnr.loss import no_gather
+    from mnr.objectives import MNR, Rows
 
-    dims = (32, 16, 8) if variant == "matryoshka" else None
+    objective = MNR(dims=(32, 16, 8) if variant == "matryoshka" else ())
 
-    def loss_fn(embeddings: torch.Tensor) -> torch.Tensor:
-        anchors, positives = embeddings.chunk(2)
-        gather = distributed.all_gather_with_grad if sharded else (lambda t: t)
-        return mnr_loss(anchors, positives, gather=gather, rank=distributed.rank() if sharded else 0, dims=dims)
+    def loss_fn(embeddings: torch.Tensor) -> torch.Tensor:  # [anchors; positives] of this process
+        if sharded:
+            return objective(embeddings, Rows(2), distributed.all_gather_with_grad, distributed.rank())
+        return objective(embeddings, Rows(2), no_gather, 0)
 
     if variant in ("no_sync", "reduce_each"):
         chosen = sharding.no_sync if variant == "no_sync" else None
