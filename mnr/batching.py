@@ -26,9 +26,17 @@ def _first_use(candidate_rows: np.ndarray, first_seen: np.ndarray) -> np.ndarray
     texts = candidate_rows.reshape(-1)
     empty = texts == NO_TEXT
     texts = np.where(empty, len(first_seen) - 1, texts)
-    pos = np.arange(len(texts))
-    first_seen[texts[::-1]] = pos[::-1]  # repeated index: the last write (earliest position) wins
-    return ((first_seen[texts] == pos) | empty).reshape(len(candidate_rows), -1).all(axis=1)
+    pos = np.arange(len(texts), dtype=first_seen.dtype)
+    # numpy leaves open which of the repeated writes to a text's slot stays: written last to first (numpy keeps
+    # the last one today, the earliest position), then every slot lowered until no earlier position is left
+    first_seen[texts[::-1]] = pos[::-1]
+    while True:
+        seen = first_seen[texts]
+        earlier = pos < seen
+        if not earlier.any():
+            break
+        first_seen[texts[earlier]] = pos[earlier]
+    return ((seen == pos) | empty).reshape(len(candidate_rows), -1).all(axis=1)
 
 
 def steps_per_source(batches: np.ndarray, weights: np.ndarray, rule: str) -> np.ndarray:
@@ -267,12 +275,6 @@ class GlobalBatchSampler:
         return self.global_batches(epoch)[start_step:, lo:hi]
 
 
-def example_lengths(token_ids: list[list[int]], text_ids: np.ndarray) -> np.ndarray:
-    """(n_examples,) token length of each example's longest text: what its batch is padded to."""
-    text_lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
-    return text_lengths[np.asarray(text_ids)].max(axis=1)
-
-
 def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser on uint64 (wrapping arithmetic): a counter -> a well-mixed random key."""
     x = x + np.uint64(0x9E3779B97F4A7C15)
@@ -402,12 +404,12 @@ class _Rows:
         return (row.tolist() for row in self.batches)
 
 
-def make_loader(sampler: GlobalBatchSampler, collator: Collator, epoch: int, start_step: int = 0,
-                num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader over this process's batches of one epoch (collation can run in worker processes)."""
+def make_loader(sampler: GlobalBatchSampler, collator: Collator, epoch: int, start_step: int = 0
+                ) -> torch.utils.data.DataLoader:
+    """A DataLoader over this process's batches of one epoch, collated in this process."""
     return torch.utils.data.DataLoader(
         _Indices(len(sampler.text_ids)), batch_sampler=_Rows(sampler.local_batches(epoch, start_step)),
-        collate_fn=collator.for_epoch(epoch), num_workers=num_workers, pin_memory=pin_memory,
+        collate_fn=collator.for_epoch(epoch),
         # its own generator: creating the iterator must not draw from the global RNG, which drives dropout and
         # is saved/restored on resume (a resumed run creates its loader at a different point in that stream)
         generator=torch.Generator().manual_seed(sampler.seed))

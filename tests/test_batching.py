@@ -48,6 +48,27 @@ def test_examples_are_used_at_most_once_and_deferred_ones_come_first_in_the_next
     assert batches[1][: len(deferred)].tolist() == deferred
 
 
+class _KeepsTheFirstWrite(np.ndarray):
+    """Scratch whose repeated-index writes keep the first value written: numpy leaves that choice open."""
+
+    def __setitem__(self, index, values):
+        super().__setitem__(index[::-1], np.asarray(values)[::-1])
+
+
+def test_first_use_is_each_texts_earliest_position_whichever_repeated_write_numpy_keeps():
+    from mnr.batching import _first_use
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        rows = rng.integers(-1, 30, size=(40, 3))
+        texts = [int(t) for t in rows.reshape(-1)]
+        first = {t: texts.index(t) for t in texts}
+        expected = [all(t == -1 or first[t] == 3 * i + j for j, t in enumerate(row))
+                    for i, row in enumerate(rows.tolist())]
+        for scratch in (np.zeros(32, dtype=np.int32), np.zeros(32, dtype=np.int32).view(_KeepsTheFirstWrite)):
+            assert _first_use(rows, scratch).tolist() == expected
+
+
 def test_order_is_a_function_of_seed_and_epoch():
     ids = _ids_with_duplicates()
     a = GlobalBatchSampler(ids, batch_size=4, seed=7)

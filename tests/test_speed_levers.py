@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from mnr.batching import Collator, GlobalBatchSampler, example_lengths
+from mnr.batching import Collator, GlobalBatchSampler
 from mnr.config import ConfigError, TrainConfig
+
+
+def example_lengths(token_ids: list[list[int]], text_ids: np.ndarray) -> np.ndarray:
+    """(n_examples,) token length of each example's longest text: what its batch is padded to."""
+    text_lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
+    return text_lengths[np.asarray(text_ids)].max(axis=1)
 
 
 def _clashing_data(n: int = 400, seed: int = 0):
