@@ -33,6 +33,16 @@ DIMS = (384, 128, 32)
 STS_NAME, RET_NAME = "stsb_validation_dev", "snli_test_retrieval"  # the dev sets' file stems = evaluator names
 
 
+def memory_bytes(n_queries: int, n_corpus: int, dim: int, k: int) -> dict[str, int]:
+    """Peak memory of one `mnr.mine` process's state (bytes): float32 embeddings of queries and corpus, one score
+    block with its top-k temporaries, and the gathered (score, index) rows of every query (float64 pairs)."""
+    from mnr.mine import DOC_CHUNK, QUERY_CHUNK
+
+    block = QUERY_CHUNK * min(DOC_CHUNK, n_corpus) * 4
+    return {"embeddings": (n_queries + n_corpus) * dim * 4, "score_block": block,
+            "top_k_buffers": QUERY_CHUNK * 4 * k * 16 + n_queries * k * 16}
+
+
 def dev_sets(work: Path, sts_every: int, retrieval_rows: int) -> list[str]:
     """The two dev files (names as above) from the shared data."""
     import gzip
@@ -191,8 +201,6 @@ def main() -> None:
     work = common.work_dir(args.workdir, "mnr-mining-")
     model = common.minilm_path()
     print(f"machine: {common.machine()}", flush=True)
-    from mnr.mine import memory_bytes
-
     mem = memory_bytes(1_000_000, 1_000_000, 384, 13)
     print("mnr.mine memory for 1M queries and a 1M-text corpus, d=384, 13 candidates retrieved per query: "
           + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in mem.items()), flush=True)

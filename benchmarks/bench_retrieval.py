@@ -88,7 +88,7 @@ def worker_ours(folder: str, out: str) -> None:
     encoder, tokenizer = load_encoder(minilm_path())
     distributed.barrier()
     start = time.perf_counter()
-    metrics = ev(encoder, tokenizer)
+    metrics = ev.by_dim(encoder, tokenizer)[None]
     seconds = time.perf_counter() - start
     if distributed.rank() == 0:
         Path(out).write_text(json.dumps({"seconds": seconds, "metrics": metrics}))

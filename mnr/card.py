@@ -73,9 +73,9 @@ def _number(value) -> float | None:
 
 def hub_datasets(datasets: list[str]) -> list[str]:
     """Hub dataset names among --train-data sources ('glue/mnli' -> 'glue'); local files are left out."""
-    from mnr.data import _hub_spec, is_local
+    from mnr.data import hub_spec, is_local
 
-    names = [_hub_spec(spec)[0] for spec in datasets if spec and not is_local(spec) and " " not in spec]
+    names = [hub_spec(spec)[0] for spec in datasets if spec and not is_local(spec) and " " not in spec]
     return list(dict.fromkeys(names))
 
 

@@ -70,23 +70,21 @@ class DataStats:
 
 @dataclass
 class Examples:
-    """Training examples as parallel text columns; `negatives` (each example's first negative) is None for
-    pairs; `all_negatives` holds every negative of each example."""
+    """Training examples as parallel text columns; `all_negatives` (every negative of each example) is None for
+    pairs."""
 
     anchors: list[str]
     positives: list[str]
-    negatives: list[str] | None = None
     all_negatives: list[list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.anchors)
 
-    @property
-    def n_roles(self) -> int:
-        return 2 if self.negatives is None else 3
-
     def columns(self) -> list[list[str]]:
-        return [self.anchors, self.positives] + ([self.negatives] if self.negatives is not None else [])
+        """anchor, positive and, with negatives, each example's first negative ('' for none)."""
+        if self.all_negatives is None:
+            return [self.anchors, self.positives]
+        return [self.anchors, self.positives, [n[0] if n else "" for n in self.all_negatives]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +216,7 @@ def _guarded(path: str, fh, rows: Iterator[dict], reader=None) -> Iterator[dict]
     fh.close()
 
 
-def _hub_spec(spec: str) -> tuple[str, str | None, str]:
+def hub_spec(spec: str) -> tuple[str, str | None, str]:
     """'snli' -> ('snli', None, 'train'); 'glue/mnli' -> ('glue', 'mnli', 'train'); 'a/b:cfg@split'."""
     split = "train"
     if "@" in spec:
@@ -233,7 +231,7 @@ def _hub_spec(spec: str) -> tuple[str, str | None, str]:
 
 def load_hub(spec: str):
     """The hub dataset split named by spec (Arrow-backed, memory-mapped by `datasets`)."""
-    name, config, split = _hub_spec(spec)
+    name, config, split = hub_spec(spec)
     try:
         import datasets
 
@@ -290,7 +288,7 @@ def weighted_specs(specs: str | list[str]) -> list[tuple[str, float | None]]:
 QUERY, DOCUMENT = 0, 1  # the role a text is interned in: anchors are queries, positives and negatives documents
 
 
-def _text(value) -> str | None:
+def cell_text(value) -> str | None:
     """The stripped text of a cell; None for a missing, empty or non-text cell, and for text that is not valid
     Unicode (a lone surrogate, e.g. from a JSON "\\ud800" escape: no tokenizer or hash can take it)."""
     if value is None or not isinstance(value, str):
@@ -342,7 +340,7 @@ def _row_negatives(row: dict, columns: list[str]) -> list[str | None]:
         value = row.get(c)
         if c == "negatives" and isinstance(value, str):  # a TSV/CSV cell: one text
             value = [value]
-        out.extend(_text(v) for v in value) if isinstance(value, (list, tuple)) else out.append(_text(value))
+        out.extend(cell_text(v) for v in value) if isinstance(value, (list, tuple)) else out.append(cell_text(value))
     return out
 
 
@@ -365,7 +363,7 @@ def _nli_row(row: dict, stats: DataStats) -> tuple[str, str, str] | None:
         stats.skip("no gold label (-1/-)" if raw_label in NO_GOLD_LABELS or (
             isinstance(raw_label, str) and raw_label.strip() in NO_GOLD_LABELS) else "unknown label")
         return None
-    premise, hypothesis = _text(row.get("premise")), _text(row.get("hypothesis"))
+    premise, hypothesis = cell_text(row.get("premise")), cell_text(row.get("hypothesis"))
     if premise is None or hypothesis is None:
         stats.skip(_unusable_text([row.get("premise"), row.get("hypothesis")]))
         return None
@@ -455,7 +453,7 @@ def pair_examples(source: str, rows: Iterable[dict], hard_negatives: bool, negat
         if row.get(MALFORMED):
             stats.skip("malformed row (more fields than the header)")
             continue
-        texts = [_text(row.get(role)) for role in PAIR_COLUMNS]
+        texts = [cell_text(row.get(role)) for role in PAIR_COLUMNS]
         found = [t for t in _row_negatives(row, negatives) if t is not None]
         if None in texts or (negatives and not found):
             stats.skip(_unusable_text([row.get(c) for c in (*PAIR_COLUMNS, *negatives)]))
@@ -537,7 +535,7 @@ def load_examples(specs: str | list[str], hard_negatives: bool) -> tuple[Example
     if ids.shape[1] == 2:
         return Examples(anchors, positives), stats
     negatives = [[texts[t] for t in row if t != NO_TEXT] for row in ids[:, 2:].tolist()]
-    return Examples(anchors, positives, [n[0] if n else "" for n in negatives], negatives), stats
+    return Examples(anchors, positives, negatives), stats
 
 
 def pad_rows(chunks: list[np.ndarray], dtype=np.int64) -> np.ndarray:

@@ -25,7 +25,7 @@ import os
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from mnr import distributed
-from mnr.data import DataError, _text, read_source
+from mnr.data import DataError, cell_text, read_source
 from mnr.matryoshka import cut, label
 from mnr.retrieval import (MAX_K, RetrievalData, is_beir_dir, load_beir, metric_names, nli_rows_as_retrieval,
                            pair_rows_as_retrieval, retrieval_metrics, split_beir_spec, sts_as_retrieval, top_k)
@@ -72,7 +72,7 @@ def _sts_from_rows(spec: str, columns: list[str], rows) -> STSData:
     score_col = "score" if "score" in columns else "label"
     s1, s2, scores, skipped = [], [], [], 0
     for row in rows:
-        a, b = _text(row.get("sentence1")), _text(row.get("sentence2"))  # None: empty, missing or not Unicode
+        a, b = cell_text(row.get("sentence1")), cell_text(row.get("sentence2"))  # None: empty, missing or not Unicode
         try:
             score = float(row.get(score_col))
         except (TypeError, ValueError):
@@ -210,10 +210,6 @@ class Evaluator:
     def by_dim(self, encoder, tokenizer) -> dict[int | None, dict[str, float]]:
         """{None: metrics of the full embedding, d: metrics of its first d coordinates for each of `dims`}."""
         raise NotImplementedError
-
-    def __call__(self, encoder, tokenizer) -> dict[str, float]:
-        """The metrics of the full embedding (`dims` ignored)."""
-        return replace(self, dims=()).by_dim(encoder, tokenizer)[None]
 
     def scores(self, encoder, tokenizer) -> dict[str, float]:
         """Every metric under its key: `name/metric` (full embedding), `name@d/metric` (first d coordinates)."""

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from mnr import distributed
 from mnr.atomic import atomic_file, own_input
-from mnr.data import DataError, _text, load_examples, read_source, split_specs
+from mnr.data import DataError, cell_text, load_examples, read_source, split_specs
 
 logger = logging.getLogger(__name__)
 
@@ -150,14 +150,6 @@ def search(query_emb: torch.Tensor, doc_emb: torch.Tensor, k: int, device=None) 
     packed = sharded(chunks, rank)
     width = packed.shape[1] // 2
     return packed[:, :width].float(), packed[:, width:].long()
-
-
-def memory_bytes(n_queries: int, n_corpus: int, dim: int, k: int) -> dict[str, int]:
-    """Peak memory of one process's mining state (bytes): float32 embeddings of queries and corpus, one score block
-    with its top-k temporaries, and the gathered (score, index) rows of every query (float64 pairs)."""
-    block = QUERY_CHUNK * min(DOC_CHUNK, n_corpus) * 4
-    return {"embeddings": (n_queries + n_corpus) * dim * 4, "score_block": block,
-            "top_k_buffers": QUERY_CHUNK * 4 * k * 16 + n_queries * k * 16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +306,7 @@ def read_corpus(spec: str) -> list[str]:
         if not wanted:
             raise DataError(f"{one}: columns found: {', '.join(map(str, columns))}; a corpus needs a 'text' column "
                             f"(or positive/negative columns, or a single column)")
-        texts += [t for row in rows for t in (_text(row.get(c)) for c in wanted) if t is not None]
+        texts += [t for row in rows for t in (cell_text(row.get(c)) for c in wanted) if t is not None]
     if not texts:
         raise DataError(f"{spec}: the corpus has no text")
     return texts

@@ -27,7 +27,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from mnr.data import ENTAILMENT, LABELS, MALFORMED, NEUTRAL, DataError, _text, read_local
+from mnr.data import ENTAILMENT, LABELS, MALFORMED, NEUTRAL, DataError, cell_text, read_local
 
 K_VALUES = {"ndcg": (10,), "mrr": (10,), "map": (100,), "recall": (1, 10, 100), "accuracy": (1,)}
 MAX_K = 100
@@ -106,8 +106,8 @@ def _read_id_text(path: str, with_title: bool, skipped: Counter, what: str) -> t
         if rid in seen:
             raise DataError(f"{path}: duplicate _id {rid!r} (records {seen[rid]} and {line_no})")
         seen[rid] = line_no
-        text = _text(row.get("text"))
-        title = _text(row.get("title")) if with_title else None
+        text = cell_text(row.get("text"))
+        title = cell_text(row.get("title")) if with_title else None
         if title and text:  # BEIR's convention for sentence encoders: title, a space, text
             text = f"{title} {text}"
         text = text or title
@@ -205,12 +205,12 @@ def pair_rows_as_retrieval(source: str, columns: list[str], rows: Iterable[dict]
 
     def triples():
         for row in rows:
-            anchor, positive = _text(row.get("anchor")), _text(row.get("positive"))
+            anchor, positive = cell_text(row.get("anchor")), cell_text(row.get("positive"))
             if row.get(MALFORMED) or anchor is None or positive is None:
                 skipped["rows with empty or missing text"] += 1
                 continue
             yield anchor, positive, True
-            negative = _text(row.get("negative"))
+            negative = cell_text(row.get("negative"))
             if negative is not None:
                 yield anchor, negative, False
 
@@ -227,7 +227,7 @@ def nli_rows_as_retrieval(source: str, rows: Iterable[dict]) -> RetrievalData:
         for row in rows:
             raw = row.get("label")
             label = LABELS.get(raw.strip().lower() if isinstance(raw, str) else raw)
-            premise, hypothesis = _text(row.get("premise")), _text(row.get("hypothesis"))
+            premise, hypothesis = cell_text(row.get("premise")), cell_text(row.get("hypothesis"))
             if row.get(MALFORMED) or label is None or premise is None or hypothesis is None:
                 skipped["rows with empty text or no usable label"] += 1
             elif label == NEUTRAL:

@@ -24,7 +24,7 @@ def main() -> None:
     results = []
     for ev in build_evaluators(spec, max_seq_length=32, batch_size=4):
         ev.query_chunk = 3
-        results.append(ev(encoder, tokenizer))
+        results.append(ev.by_dim(encoder, tokenizer)[None])
     everyone = distributed.all_gather_object({"rank": distributed.rank(), "world": distributed.world_size(),
                                               "results": results})
     if accelerator.is_main_process:

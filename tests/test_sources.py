@@ -136,7 +136,7 @@ def test_negative_columns_and_a_negatives_list_are_read_in_order(tmp_path):
     tsv = write_tsv(tmp_path / "k.tsv", ["anchor", "positive", "negative_2", "negative_1", "negative_3"],
                     [["a1", "p1", "n2", "n1", "n3"], ["a2", "p2", "", "m1", ""], ["a3", "p3", "", "", ""]])
     ex, stats = load_examples(str(tsv), hard_negatives=None)
-    assert ex.all_negatives == [["n1", "n2", "n3"], ["m1"]] and ex.negatives == ["n1", "m1"]
+    assert ex.all_negatives == [["n1", "n2", "n3"], ["m1"]] and ex.columns()[2] == ["n1", "m1"]
     assert stats.skipped["empty or missing text"] == 1  # no negative at all in a file that has them
     jsonl = tmp_path / "k.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in [{"anchor": "a", "positive": "p", "negatives": ["x", "y"]},
@@ -262,7 +262,7 @@ def test_auto_uses_negatives_when_the_data_has_them_and_says_so():
 
 def test_auto_reads_pairs_and_hard_negatives_still_refuses_them(tmp_path):
     pairs = write_tsv(tmp_path / "p.tsv", ["anchor", "positive"], [["a", "b"], ["c", "d"]])
-    assert load_examples(str(pairs), None)[0].negatives is None
+    assert load_examples(str(pairs), None)[0].all_negatives is None
     with pytest.raises(DataError, match="--hard-negatives needs a 'negative' column"):
         load_examples(str(pairs), True)
 
