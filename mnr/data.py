@@ -277,7 +277,7 @@ def weighted_specs(specs: str | list[str]) -> list[tuple[str, float | None]]:
             except ValueError:
                 weight = float("nan")
             if not 0 < weight < float("inf"):
-                raise DataError(f"{spec}*{text}: the weight {text!r} is not a positive number")
+                raise DataError(f"{spec}*{text}: the weight {text!r} after '*' is not a positive number")
         out.append((spec, weight))
     return out
 

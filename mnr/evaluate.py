@@ -389,7 +389,8 @@ def _parse_args(argv: list[str] | None):
 
 def _setup(args) -> tuple[list[Evaluator], object, object]:
     """Evaluators (with their Matryoshka sizes) and the model; DataError, ModelError or DimsError on bad input."""
-    from mnr.matryoshka import parse_dims, trained_dims, truncated_dims
+    from mnr.config import parse_dims
+    from mnr.matryoshka import trained_dims, truncated_dims
     from mnr.model import choose_pipeline, load_encoder
 
     dims = parse_dims(args.eval_dims) if args.eval_dims is not None else trained_dims(args.checkpoint)

@@ -16,22 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mnr.config import DimsError
+
 DIMS_KEY = "mnr_matryoshka_dims"
 ST_CONFIG = "config_sentence_transformers.json"
-
-
-class DimsError(ValueError):
-    """A list of embedding sizes is wrong; the message names the value."""
-
-
-def parse_dims(text: str, flag: str = "--eval-dims") -> tuple[int, ...]:
-    """'384,128,32' -> (384, 128, 32); raises DimsError naming the bad value."""
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    if not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise DimsError(f"{flag} {text!r}: expected comma-separated positive whole numbers, e.g. 384,128,32")
-    if len(set(parts)) != len(parts):
-        raise DimsError(f"{flag} {text!r}: each size once")
-    return tuple(int(p) for p in parts)
 
 
 def truncated_dims(dims: tuple[int, ...], width: int, flag: str = "--eval-dims") -> tuple[int, ...]:

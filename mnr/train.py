@@ -24,8 +24,8 @@ from mnr.batching import Collator, GlobalBatchSampler, make_loader
 from mnr.atomic import atomic_dir, staged_into
 from mnr.checkpoint import (CheckpointError, TrainState, latest_checkpoint, load_checkpoint, newest_intact_checkpoint,
                             read_state, run_identity, save_checkpoint)
-from mnr.config import EMBEDDED_EVAL, EMBEDDED_TRAIN, TrainConfig
-from mnr.data import DataError, split_specs
+from mnr.config import EMBEDDED_EVAL, EMBEDDED_TRAIN, TrainConfig, check_seq_length
+from mnr.data import DataError
 from mnr.evaluate import Evaluator, build_evaluators, metric_choices
 from mnr.gradcache import cached_loss_and_backward
 from mnr.launch import LaunchError, make_accelerator
@@ -330,9 +330,7 @@ def _setup_model(cfg: TrainConfig, model_path: str):
     encoder, tokenizer = load_encoder(model_path, cfg.trust_remote_code)
     encoder.length_buckets = cfg.length_buckets
     choose_pipeline(encoder, cfg.pooling, cfg.query_prompt, cfg.document_prompt)  # the evaluators read them too
-    limit = max_positions(encoder)
-    if limit is not None and cfg.max_seq_length > limit:
-        raise TrainingError(f"max_seq_length={cfg.max_seq_length} exceeds the model's position limit ({limit} tokens)")
+    check_seq_length(cfg.max_seq_length, max_positions(encoder))
     width = getattr(encoder.config, "hidden_size", None)
     if width is not None and cfg.dims and max(cfg.dims) > width:
         raise TrainingError(f"matryoshka_dims={cfg.matryoshka_dims!r} is invalid: the model's embeddings have "
@@ -349,8 +347,8 @@ def _setup_data(cfg: TrainConfig, train_spec: str, tokenizer, accelerator, promp
     # Every process takes part: one store per filesystem, tokenised by the machines that share it (a failure
     # stops every process with its message).
     team = Team(distributed.rank(), accelerator.is_local_main_process, distributed.all_gather_object)
-    data = prepare_train_store(split_specs(train_spec), tokenizer, cfg.max_seq_length, cfg.hard_negatives,
-                               cfg.cache_dir, prompts, team)
+    sources = list(cfg.sources) or [train_spec]
+    data = prepare_train_store(sources, tokenizer, cfg.max_seq_length, cfg.hard_negatives, cfg.cache_dir, prompts, team)
     logger.info("train data %s: %s", train_spec, data.stats.summary())
     k, masked, line = negatives_plan(cfg, data.max_negatives, data.negatives_per_example(), data.sources,
                                      data.source_names)
@@ -591,7 +589,7 @@ def export(t: Trainer, path: Path, scores: dict[str, float] | None = None, into:
     """The model as it is now, in HF + sentence-transformers layout with a model card (main process); written
     into `into` (a temporary dir that becomes `path`) when given, the card naming `path`."""
     cfg = t.cfg
-    user_length = cfg.max_seq_length if "max_seq_length" in getattr(cfg, "given", ()) else None
+    user_length = cfg.max_seq_length if "max_seq_length" in cfg.given else None
     target = into or path
     save_model(t.accelerator.unwrap_model(t.model), t.tokenizer, target, user_length,
                card=_card_info(t, path, scores or {}))
@@ -614,8 +612,8 @@ def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:
         evaluator, metric = name.split("/", 1)
         metrics.setdefault(evaluator, {})[metric] = {"before": t.state.metrics_before.get(name),
                                                      "after": scores.get(name), "scale": 100 if metric == "spearman" else 1}
-    datasets = [s.strip() for s in cfg.train_data.split(",") if s.strip()] if cfg.train_data else ["snli"]
-    return {"datasets": datasets, "train_data": cfg.train_data or "the SNLI sample shipped in mnr/resources",
+    return {"datasets": list(cfg.sources) or ["snli"],
+            "train_data": cfg.train_data or "the SNLI sample shipped in mnr/resources",
             "matryoshka_dims": list(cfg.dims) or None,
             "data_stats": t.data_stats, "examples": t.examples, "steps": t.state.global_step,
             "settings": settings, "metrics": metrics, "path": str(path)}

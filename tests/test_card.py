@@ -95,3 +95,18 @@ def test_both_snippets_load_the_export_and_give_the_trainers_embeddings(tiny_mod
         ours = torch.nn.functional.normalize(ours, dim=-1)
     for got in results:
         assert (got - ours).abs().max() < 1e-5
+
+
+def test_weighted_sources_enter_the_front_matter_without_their_weight(tmp_path):
+    from types import SimpleNamespace
+
+    from mnr.checkpoint import TrainState
+    from mnr.config import TrainConfig
+    from mnr.train import _card_info
+
+    cfg = TrainConfig(train_data="snli*3, glue/mnli, /data/a.tsv*2")
+    run = SimpleNamespace(cfg=cfg, k=0, world=1, global_batch=32, negatives_per_anchor=31, state=TrainState(),
+                          data_stats="", examples=10)
+    info = _card_info(run, tmp_path, {})
+    assert info["datasets"] == ["snli", "glue/mnli", "/data/a.tsv"]
+    assert front_matter(model_card(info))["datasets"] == ["snli", "glue"]

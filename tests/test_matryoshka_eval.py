@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from conftest import train_args
 from mnr.evaluate import build_evaluators, encode, metric_choices
-from mnr.matryoshka import DimsError, parse_dims, trained_dims, truncated_dims
+from mnr.config import DimsError, parse_dims
+from mnr.matryoshka import trained_dims, truncated_dims
 from mnr.model import load_encoder
 
 
