@@ -353,41 +353,16 @@ EXAMPLES = """examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: an unknown flag gets "did you mean", not a page of usage."""
-
-    def error(self, message: str):  # noqa: D102 - argparse's hook
-        self.exit(2, f"error: {_suggest(message, self)} (see --help)\n")
-
-
-def _suggest(message: str, parser: argparse.ArgumentParser) -> str:
-    import difflib
-
-    if not message.startswith("unrecognized arguments:"):
-        return message
-    flags = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
-    parts = []
-    for typed in message.split(":", 1)[1].split():
-        if not typed.startswith("-"):
-            continue  # the value of an unknown flag (or a stray word): the flag is what to fix
-        name = typed.split("=", 1)[0]
-        bare = name.lstrip("-").replace("-", "_")
-        dashed = "--" + bare.replace("_", "-")
-        guess = ([f"--{KNOWN_ALIASES[bare].replace('_', '-')}"] if bare in KNOWN_ALIASES else [dashed]
-                 if dashed in flags else difflib.get_close_matches(dashed, flags, n=2, cutoff=0.75))
-        parts.append(f"unknown flag {name}" + (f"; did you mean {' / '.join(guess)}?" if guess else ""))
-    return "; ".join(parts) or message
-
-
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog=prog,
+    from mnr.cli import Parser
+
+    parser = Parser(
+        prog=prog, aliases=KNOWN_ALIASES,
         usage="%(prog)s [--config FILE] [FLAGS ...]",
         description="Fine-tune a sentence-embedding model with Multiple Negatives Ranking loss.\n"
         "Run as `python train_mnr.py` or `mnr-train` (one process), or `accelerate launch train_mnr.py` (any\n"
         "number). Precision and devices come from Accelerate (--mixed_precision at launch or in its config).",
         argument_default=argparse.SUPPRESS,  # only flags the user typed override the YAML file
-        allow_abbrev=False,  # --max-step must not silently mean --max-steps
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     by_name = {f.name: f for f in OPTIONS}

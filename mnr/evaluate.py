@@ -363,8 +363,10 @@ def _print_results(model: str, evaluators: list[Evaluator], results: list[dict])
     Console(width=110).print(table)
 
 
-def _parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(prog="python -m mnr.evaluate", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    from mnr.cli import Parser, add_encoding_flags, add_model_flags
+
+    parser = Parser(prog="python -m mnr.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="model directory (or hub id) to evaluate")
     parser.add_argument("--data", action="append", default=[],
                         help="an evaluation set (repeat, or comma-separate): STS pairs, a BEIR folder (DIR or "
@@ -374,63 +376,48 @@ def _parse_args(argv: list[str] | None):
                              "coordinates re-normalised, e.g. 384,128,32 (default: the sizes the model was trained "
                              "at, recorded in its export; none recorded: the full size only)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--max-seq-length", type=int, default=128, help="truncate texts to this many tokens (default 128)")
-    parser.add_argument("--batch-size", type=int, default=64, help="texts encoded at once per process (default 64)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow model repos that ship their own Python code (off: never run it)")
-    for role, example in (("query", "query: "), ("document", "passage: ")):
-        parser.add_argument(f"--{role}-prompt", default=None,
-                            help=f"text put before every {role} (e.g. {example!r}); default: the model's saved "
-                                 f"{role!r} prompt (config_sentence_transformers.json), if any; '' for none")
-    parser.add_argument("--pooling", default="", choices=["", "mean", "cls", "lasttoken"],
-                        help="override the model's saved pooling (default: the model's)")
-    return parser.parse_args(argv)
+    add_encoding_flags(parser)
+    add_model_flags(parser)
+    return parser
 
 
 def _setup(args) -> tuple[list[Evaluator], object, object]:
-    """Evaluators (with their Matryoshka sizes) and the model; DataError, ModelError or DimsError on bad input."""
-    from mnr.config import parse_dims
+    """Evaluators (with their Matryoshka sizes) and the model; a ValueError naming the input on bad input."""
+    from mnr.cli import check_encoding_flags, check_fits
+    from mnr.config import ConfigError, parse_dims
     from mnr.matryoshka import trained_dims, truncated_dims
     from mnr.model import choose_pipeline, load_encoder
 
+    check_encoding_flags(args)
     dims = parse_dims(args.eval_dims) if args.eval_dims is not None else trained_dims(args.checkpoint)
-    evaluators = build_evaluators(",".join(args.data), args.max_seq_length, args.batch_size)
+    evaluators = build_evaluators(",".join(args.data), batch_size=args.batch_size)
+    if not evaluators:
+        raise ConfigError("--data none: nothing to evaluate")
     encoder, tokenizer = load_encoder(args.checkpoint, args.trust_remote_code)
+    max_seq_length = check_fits(args.max_seq_length, encoder)
     choose_pipeline(encoder, args.pooling, args.query_prompt, args.document_prompt)
     width = getattr(encoder.config, "hidden_size", None)
     for ev in evaluators:
+        ev.max_seq_length = max_seq_length
         ev.dims = truncated_dims(dims, width) if width else ()
     return evaluators, encoder, tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
+    from mnr import cli
+
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    return cli.run(lambda: _evaluate(args))
+
+
+def _evaluate(args) -> int:
     device = None
     if distributed.launched_world_size() > 1:  # launched as N processes: one process group, shards
         from accelerate import Accelerator
 
         device = Accelerator(cpu=not torch.cuda.is_available()).device
-    try:
-        return _evaluate(args, device)
-    finally:  # the process group left while the interpreter is whole (gloo aborts at exit otherwise, now and then)
-        distributed.shutdown()
-
-
-def _evaluate(args, device) -> int:
-    from mnr.matryoshka import DimsError
-    from mnr.model import ModelError
-
-    try:
-        evaluators, encoder, tokenizer = _setup(args)
-    except (DataError, ModelError, DimsError) as err:
-        if distributed.launched_rank() == 0:  # every process has the same error: one line
-            print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not evaluators:
-        if distributed.launched_rank() == 0:
-            print("error: --data none: nothing to evaluate", file=sys.stderr)
-        return 2
+    evaluators, encoder, tokenizer = _setup(args)
     encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results = [ev.by_dim(encoder, tokenizer) for ev in evaluators]
     if distributed.is_main():

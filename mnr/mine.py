@@ -18,6 +18,8 @@ The output (.tsv or .jsonl, optionally .gz) has one row per input pair: anchor, 
 negatives, named `negative` when k = 1 and negative_1 .. negative_k otherwise (the column names of
 sentence-transformers' triplet and n-tuple formats).  A pair whose anchor got fewer than k negatives is left out
 and counted.  A summary (counts and score statistics) is printed and written to <output>.summary.json.
+Prompts and pooling are the model's saved ones, as in training and evaluation, unless --query-prompt,
+--document-prompt or --pooling say otherwise.
 """
 
 from __future__ import annotations
@@ -317,9 +319,9 @@ def read_corpus(spec: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mnr.config import _Parser
+    from mnr.cli import Parser, add_encoding_flags, add_model_flags
 
-    p = _Parser(prog="python -m mnr.mine", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m mnr.mine", description=__doc__.splitlines()[0])
     p.add_argument("pairs", help="training pairs: anchor/positive rows or NLI premise/hypothesis/label rows "
                                  "(.tsv/.csv/.jsonl/.parquet[.gz], comma-separated for several)")
     p.add_argument("--output", required=True, help="the mined training file, *.tsv or *.jsonl (optionally .gz)")
@@ -335,22 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relative-margin", type=float, default=None,
                    help="keep a negative only if its score <= positive score - |positive score| x this (e.g. 0.05)")
     p.add_argument("--sampling", default="top", help="top (the k best of the window) or random (k of the window)")
-    p.add_argument("--prompt", default="", help="string prepended to every anchor before encoding")
-    p.add_argument("--document-prompt", default="", help="string prepended to every corpus text before encoding")
     p.add_argument("--seed", type=int, default=42, help="seed of --sampling random (default 42)")
-    p.add_argument("--batch-size", type=int, default=64, help="texts encoded at once per process (default 64)")
-    p.add_argument("--max-seq-length", type=int, default=128, help="truncate texts to this many tokens (default 128)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model repos that ship their own code")
+    add_encoding_flags(p)
+    add_model_flags(p, renamed={"--prompt": "--query-prompt"})
     return p
 
 
 def _options(args) -> MineOptions:
+    from mnr.cli import check_encoding_flags
+    from mnr.config import check_seed
+
     opts = MineOptions(args.num_negatives, args.range_min, args.range_max, args.margin, args.relative_margin,
                        args.sampling, args.seed)
     opts.check()
-    for name in ("batch_size", "max_seq_length"):
-        if getattr(args, name) < 1:
-            raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    check_encoding_flags(args)
+    check_seed(args.seed, "--seed")
     output_kind(args.output)
     if os.path.isdir(args.output):
         raise DataError(f"--output {args.output}: is a directory")
@@ -367,18 +368,22 @@ def _options(args) -> MineOptions:
 
 
 def _encoder_embed(args, device):
-    """(embed queries, embed documents) through the model, sharded over the processes."""
+    """(embed queries, embed documents) through the model, sharded over the processes; the prompts and the
+    pooling are the model's saved ones unless given."""
+    from mnr.cli import check_fits
     from mnr.evaluate import encode_sharded
-    from mnr.model import load_encoder, resolve_model_path
+    from mnr.model import choose_pipeline, load_encoder, resolve_model_path
 
     encoder, tokenizer = load_encoder(resolve_model_path(args.model), args.trust_remote_code)
+    max_seq_length = check_fits(args.max_seq_length, encoder)
+    choose_pipeline(encoder, args.pooling, args.query_prompt, args.document_prompt)
     encoder.to(device)
 
     def embed(prefix: str) -> Embed:
-        return lambda texts: encode_sharded(encoder, tokenizer, [prefix + t for t in texts], args.max_seq_length,
+        return lambda texts: encode_sharded(encoder, tokenizer, [prefix + t for t in texts], max_seq_length,
                                             args.batch_size, device)
 
-    return embed(args.prompt), embed(args.document_prompt)
+    return embed(encoder.pipeline.query_prompt), embed(encoder.pipeline.document_prompt)
 
 
 def print_summary(summary: dict, output: str) -> None:
@@ -422,26 +427,21 @@ def run(args, device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mnr import cli
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from mnr.model import ModelError
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if distributed.launched_world_size() > 1:  # launched as N processes: one process group, shards
-        from accelerate import Accelerator
+    def body() -> int:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if distributed.launched_world_size() > 1:  # launched as N processes: one process group, shards
+            from accelerate import Accelerator
 
-        device = Accelerator(cpu=not torch.cuda.is_available()).device
-    try:
+            device = Accelerator(cpu=not torch.cuda.is_available()).device
         run(args, device)
-    except (DataError, ModelError, OSError) as err:
-        if os.environ.get("MNR_DEBUG"):
-            raise
-        if distributed.launched_rank() == 0:
-            print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:  # the process group left while the interpreter is whole (gloo aborts at exit otherwise, now and then)
-        distributed.shutdown()
-    return 0
+        return 0
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

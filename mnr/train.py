@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import signal
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,15 +23,15 @@ from mnr.batching import Collator, GlobalBatchSampler, make_loader
 from mnr.atomic import atomic_dir, staged_into
 from mnr.checkpoint import (CheckpointError, TrainState, latest_checkpoint, load_checkpoint, newest_intact_checkpoint,
                             read_state, run_identity, save_checkpoint)
-from mnr.config import EMBEDDED_EVAL, EMBEDDED_TRAIN, TrainConfig, check_seq_length
+from mnr.cli import check_fits
+from mnr.config import EMBEDDED_EVAL, EMBEDDED_TRAIN, TrainConfig
 from mnr.data import DataError
 from mnr.evaluate import Evaluator, build_evaluators, metric_choices
 from mnr.gradcache import cached_loss_and_backward
 from mnr.launch import LaunchError, make_accelerator
 from mnr.loss import no_gather
 from mnr.matryoshka import label, record_dims
-from mnr.model import (ModelError, choose_pipeline, load_encoder, max_positions, nonfinite_weights, resolve_model_path,
-                       save_model)
+from mnr.model import ModelError, choose_pipeline, load_encoder, nonfinite_weights, resolve_model_path, save_model
 from mnr.objectives import Objective, Rows, objective_from_config
 from mnr.reporting import LogWindow, MetricsLog, Progress, Stopped, StopRequest, setup_logging
 from mnr.rundir import OutputDirError, mark_finished, open_output_dir, release_locks, write_marker
@@ -330,7 +329,7 @@ def _setup_model(cfg: TrainConfig, model_path: str):
     encoder, tokenizer = load_encoder(model_path, cfg.trust_remote_code)
     encoder.length_buckets = cfg.length_buckets
     choose_pipeline(encoder, cfg.pooling, cfg.query_prompt, cfg.document_prompt)  # the evaluators read them too
-    check_seq_length(cfg.max_seq_length, max_positions(encoder))
+    check_fits(cfg.max_seq_length, encoder, "max_seq_length")
     width = getattr(encoder.config, "hidden_size", None)
     if width is not None and cfg.dims and max(cfg.dims) > width:
         raise TrainingError(f"matryoshka_dims={cfg.matryoshka_dims!r} is invalid: the model's embeddings have "
@@ -647,23 +646,12 @@ def _report_stop(t: Trainer, path: Path, when: str = "") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: parse, validate, train. Bad input -> one-line error and exit code 2
-    (set MNR_DEBUG=1 for the traceback)."""
+    (set MNR_DEBUG=1 for the traceback); a stop signal -> 128 + its number."""
+    from mnr import cli
     from mnr.config import parse_config
 
-    try:
-        cfg = parse_config(argv)
-        summary = run(cfg)
-    except USER_ERRORS as err:
-        if os.environ.get("MNR_DEBUG"):
-            raise
-        message = f"error: {err}"
-    else:
-        message = None
-    if message is not None:  # out of the except block: the traceback, and the run's objects with it, are gone
-        if distributed.launched_rank() == 0:  # every process stops with the same error: one line, from rank 0
-            print(message, file=sys.stderr)
-        distributed.shutdown()
-        return 2
-    if summary.get("interrupted"):
-        return 128 + int(summary["interrupted"])
-    return 0
+    def body() -> int:
+        summary = run(parse_config(argv))
+        return 128 + int(summary["interrupted"]) if summary.get("interrupted") else 0
+
+    return cli.run(body, USER_ERRORS)
