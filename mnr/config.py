@@ -259,9 +259,12 @@ MAX_SEED = 2**32 - 1
 def invalid(name: str, value: Any, allowed: str) -> ConfigError:
     """The one shape of a bad-value error: `field=value is invalid: allowed` for a config field,
     `--flag value: allowed` for a command-line flag (a name starting with --)."""
-    if name.startswith("--"):
-        return ConfigError(f"{name} {value!r}: {allowed}")
-    return ConfigError(f"{name}={value!r} is invalid: {allowed}")
+    named = _named(name, value)
+    return ConfigError(f"{named}: {allowed}" if name.startswith("--") else f"{named} is invalid: {allowed}")
+
+
+def _named(name: str, value: Any) -> str:
+    return f"{name} {value!r}" if name.startswith("--") else f"{name}={value!r}"
 
 
 def require(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -274,7 +277,8 @@ def check_seq_length(value: int, limit: int | None = None, name: str = "max_seq_
     """--max-seq-length: at least MIN_SEQ_LENGTH tokens and, once the model is loaded, at most its position limit
     (`limit`, mnr.model.max_positions; None: the model has none)."""
     require(value >= MIN_SEQ_LENGTH, name, value, f"must be >= {MIN_SEQ_LENGTH} tokens")
-    require(limit is None or value <= limit, name, value, f"exceeds the model's position limit ({limit} tokens)")
+    if limit is not None and value > limit:
+        raise ConfigError(f"{_named(name, value)} exceeds the model's position limit ({limit} tokens)")
 
 
 def check_seed(value: int, name: str = "seed") -> None:
