@@ -103,8 +103,11 @@ def is_local(spec: str) -> bool:
 
 def _open_text(path: str) -> io.TextIOBase:
     """UTF-8 text, a leading byte-order mark dropped (utf-8-sig: spreadsheet exports start with one)."""
-    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict", newline="")
+    return io.TextIOWrapper(_open_bytes(path), encoding="utf-8-sig", errors="strict", newline="")
+
+
+def _open_bytes(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
 def _readable_files(directory: str) -> list[str]:
@@ -273,8 +276,9 @@ class _read_errors:
             return False
         self.fh.close()
         if isinstance(err, UnicodeDecodeError):
-            raise DataError(f"{self.path}: not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset "
-                            f"{err.start} of a chunk): re-encode the file as UTF-8") from None
+            utf16 = " (it starts with a UTF-16 byte-order mark)" if _starts_utf16(self.path) else ""
+            raise DataError(f"{self.path}: not UTF-8 text{utf16} (byte {err.object[err.start:err.start + 1]!r} at "
+                            f"offset {err.start} of a chunk): re-encode the file as UTF-8") from None
         if isinstance(err, csv.Error):
             line = f":{self.reader.line_num}" if self.reader is not None else ""
             if _beyond_field_limit(err):  # only a CSV gets here (a TSV skips the row)
@@ -284,6 +288,15 @@ class _read_errors:
             raise DataError(f"{self.path}{line}: malformed CSV ({err}); quote fields that contain '\"'") from None
         if isinstance(err, (OSError, EOFError)):
             raise DataError(f"{self.path}: cannot read ({err})") from None
+        return False
+
+
+def _starts_utf16(path: str) -> bool:
+    """Whether the file begins with a UTF-16 byte-order mark (what spreadsheets save as "Unicode text")."""
+    try:
+        with _open_bytes(path) as fh:
+            return fh.read(2) in (b"\xff\xfe", b"\xfe\xff")
+    except (OSError, EOFError):
         return False
 
 

@@ -87,7 +87,8 @@ def _sts_from_rows(spec: str, columns: list[str], rows) -> STSData:
     if len(scores) < 2:
         raise DataError(f"{spec}: fewer than 2 usable STS pairs ({skipped} bad rows skipped)")
     if skipped:
-        logger.warning("%s: skipped %d rows with empty or non-Unicode text or a non-numeric score", spec, skipped)
+        logger.warning("%s: skipped %d rows with an empty, non-text or non-Unicode sentence or a non-numeric score",
+                       spec, skipped)
     return STSData(s1, s2, np.asarray(scores, dtype=np.float64), skipped)
 
 

@@ -173,6 +173,13 @@ def test_files_that_are_not_what_their_name_says_are_one_line(tmp_path, name, co
         load_examples(str(path), None)
 
 
+def test_a_utf16_file_is_named_as_such(tmp_path):
+    path = tmp_path / "excel.tsv"
+    path.write_text("anchor\tpositive\na\tb\n", encoding="utf-16")
+    with pytest.raises(DataError, match="excel.tsv: not UTF-8 text \\(it starts with a UTF-16 byte-order mark\\)"):
+        load_examples(str(path), None)
+
+
 def test_one_very_long_text_in_a_tsv_is_a_counted_skip_and_the_rows_after_it_are_read(tmp_path):
     limit = csv.field_size_limit()
     lines = [f"{a}\t{p}" for a, p in PAIRS]
