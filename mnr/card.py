@@ -8,9 +8,11 @@ on what, the scores, and how to load the model with sentence-transformers and wi
     datasets            list  training data as given to --train-data: hub names ("snli", "glue/mnli",
                               "owner/name:config@split") go into the front matter; local files are named in the text
     train_data          str   one line describing the training data (default: the datasets)
+    data_license        str   the training data's license, e.g. "CC BY-SA 4.0" (named in the text)
     data_stats          str   e.g. "9840 rows read, 3167 examples kept; skipped: ..."
     examples            int   training examples (pairs or triplets)
     steps               int   optimizer steps done
+    weights_unchanged   bool  no optimizer step changed the base model's weights: the card says so first
     settings            dict  training settings, name -> value, shown as a table (loss, batch sizes, lr, ...)
     metrics             dict  evaluator -> metric -> {"before": x, "after": y, "scale": 100 or 1}; a bare number
                               is the score after training; scale 100 (Spearman x 100) prints 2 decimals, scale 1
@@ -34,6 +36,11 @@ from __future__ import annotations
 import math
 
 PLACEHOLDER = "<path>"
+# the training data of a run without --train-data (mnr/resources/snli_sample.tsv.gz, README "Data attribution")
+EMBEDDED_TRAIN_DATA = {"datasets": ["snli"], "data_license": "CC BY-SA 4.0",
+                       "train_data": "the SNLI 1.0 dev split (9,840 labelled pairs, Bowman et al., EMNLP 2015), "
+                                     "the sample shipped in mnr/resources (snli_sample.tsv.gz)"}
+SMALL_DATA = 10_000  # fewer training examples than this: the limitations say the model is a small fine-tune
 SAMPLE_SENTENCES = ["A man is playing a guitar.", "Someone is playing an instrument.", "A dog runs in the park."]
 
 # The pooling function of the transformers snippet, per pooling mode; tests run it against mnr's own encode.
@@ -59,8 +66,9 @@ POOLING_NAMES = {"mean": "mean of the token embeddings over the attention mask",
 def model_card(info: dict) -> str:
     """README.md text for an exported model; `info` as in the module docstring."""
     path = info.get("path") or PLACEHOLDER
-    lines = ["---", _front_matter(info).rstrip("\n"), "---", "", f"# {_title(info)}", "", _summary(info), ""]
-    lines += _training(info) + _evaluation(info) + _usage(info, path)
+    lines = ["---", _front_matter(info).rstrip("\n"), "---", "", f"# {_title(info)}", "", *_unchanged(info),
+             _summary(info), ""]
+    lines += _training(info) + _evaluation(info) + _intended_use(info) + _usage(info, path)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -125,6 +133,36 @@ def _summary(info: dict) -> str:
     return text
 
 
+def _unchanged(info: dict) -> list[str]:
+    """The note of an export whose weights are its base model's (no optimizer step moved them)."""
+    if not info.get("weights_unchanged"):
+        return []
+    steps = info.get("steps")
+    done = "no optimizer step" if not steps else f"{steps} optimizer step{'' if steps == 1 else 's'}"
+    return [f"> **The weights are the base model's, unchanged**: training did {done}, none at a learning rate "
+            f"above 0 (the linear warm-up gives the first step learning rate 0), so this model embeds exactly as its "
+            f"base model does.", ""]
+
+
+def _intended_use(info: dict) -> list[str]:
+    """The sections a hub card is expected to have: what the model is for, and where it falls short."""
+    limits = ["It was fine-tuned with in-batch negatives: texts of one batch that happen to be paraphrases count "
+              "as negatives, and it learns only what separates the training pairs from each other."]
+    if info.get("max_seq_length"):
+        limits.append(f"Texts longer than {info['max_seq_length']} tokens are truncated: only their beginning is "
+                      f"embedded.")
+    examples = info.get("examples")
+    if isinstance(examples, int) and examples < SMALL_DATA:
+        limits.append(f"It saw only {examples} training examples: treat it as a demonstration or a starting point, "
+                      f"and check it on data of your own before relying on it.")
+    limits.append("Scores above hold for the evaluation sets named there; other domains, languages and text "
+                  "lengths may score lower. The model carries the biases of its base model and its training data.")
+    return ["## Intended use", "",
+            "Embedding sentences and short paragraphs for semantic search, clustering and semantic similarity, in "
+            "the language and domain of the training data. Not for generating text, nor for decisions about "
+            "people without a human check.", "", "## Limitations", "", *[f"- {line}" for line in limits], ""]
+
+
 def _code(value) -> str:
     return f"`{value}`" if value else ""
 
@@ -133,7 +171,8 @@ def _training(info: dict) -> list[str]:
     lines = ["## Training", ""]
     facts = [("Base model", _code(info.get("base_model"))),
              ("Training data", info.get("train_data") or ", ".join(map(str, info.get("datasets") or []))),
-             ("Data", info.get("data_stats")), ("Training examples", info.get("examples")),
+             ("Data license", info.get("data_license")), ("Data", info.get("data_stats")),
+             ("Training examples", info.get("examples")),
              ("Optimizer steps", info.get("steps"))]
     lines += [f"- {label}: {value}" for label, value in facts if value not in (None, "")]
     settings = info.get("settings") or {}

@@ -24,6 +24,7 @@ import gzip
 import io
 import json
 import logging
+import numbers
 import os
 from array import array
 from collections import Counter
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 NLI_COLUMNS = ("premise", "hypothesis", "label")
 PAIR_COLUMNS = ("anchor", "positive")
 LOCAL_SUFFIXES = (".tsv", ".csv", ".jsonl", ".parquet")
-MALFORMED = "__malformed__"  # marks a row with more fields than the header
+MALFORMED = "__malformed__"  # key of a row that cannot be read as fields; its value is the skip reason
 ENTAILMENT, NEUTRAL, CONTRADICTION = "entailment", "neutral", "contradiction"
 LABELS = {0: ENTAILMENT, 1: NEUTRAL, 2: CONTRADICTION, "0": ENTAILMENT, "1": NEUTRAL, "2": CONTRADICTION,
           ENTAILMENT: ENTAILMENT, NEUTRAL: NEUTRAL, CONTRADICTION: CONTRADICTION}
@@ -65,7 +66,8 @@ class DataStats:
 
     def summary(self) -> str:
         parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
-        return f"{self.rows} rows read, {self.examples} examples kept" + (f"; skipped: {parts}" if parts else "")
+        rows, examples = ("row" if self.rows == 1 else "rows"), ("example" if self.examples == 1 else "examples")
+        return f"{self.rows} {rows} read, {self.examples} {examples} kept" + (f"; skipped: {parts}" if parts else "")
 
 
 @dataclass
@@ -98,8 +100,12 @@ def is_local(spec: str) -> bool:
 
 
 def _open_text(path: str) -> io.TextIOBase:
-    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+    """UTF-8 text, a leading byte-order mark dropped (utf-8-sig: spreadsheet exports start with one)."""
+    return io.TextIOWrapper(_open_bytes(path), encoding="utf-8-sig", errors="strict", newline="")
+
+
+def _open_bytes(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
 def _readable_files(directory: str) -> list[str]:
@@ -111,19 +117,10 @@ def _readable_files(directory: str) -> list[str]:
 def read_local(path: str) -> tuple[list[str], Iterator[dict]]:
     """(columns, rows) of a local file, rows read as a stream (never the whole file in Python lists).
 
-    Raises DataError for missing, empty, non-UTF-8 or malformed files; an error in the middle of a file
-    is raised by the row iterator."""
-    if os.path.isdir(path):
-        found = _readable_files(path)
-        raise DataError(f"{path}: is a directory, not a data file; " + (
-            f"data files in it that mnr can read: {', '.join(found)} (pass them comma-separated)" if found else
-            f"it holds no file mnr can read ({', '.join(LOCAL_SUFFIXES)}, optionally .gz)"))
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    base = path[:-3] if path.endswith(".gz") else path
-    suffix = Path(base).suffix
-    if suffix not in LOCAL_SUFFIXES:
-        raise DataError(f"{path}: unknown format {suffix!r}; expected one of {', '.join(LOCAL_SUFFIXES)} (optionally .gz)")
+    Raises DataError for missing, empty, non-UTF-8 or malformed files and for a column named twice; an error in
+    the middle of a file is raised by the row iterator.  A row that cannot be read as fields (a JSONL line that
+    is not an object, a TSV text beyond the csv field size limit) comes as {MALFORMED: skip reason}."""
+    suffix = check_file(path)
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -133,8 +130,9 @@ def read_local(path: str) -> tuple[list[str], Iterator[dict]]:
             raise DataError(f"{path}: cannot read as Parquet ({err})") from None
         if parquet.metadata.num_rows == 0:
             raise DataError(f"{path}: file has no rows")
+        columns = unique_columns(path, list(parquet.schema_arrow.names))
         rows = (row for batch in parquet.iter_batches(batch_size=10_000) for row in batch.to_pylist())
-        return list(parquet.schema_arrow.names), rows
+        return columns, rows
     fh = _open_text(path)
     with _read_errors(path, fh):
         if suffix == ".jsonl":
@@ -147,7 +145,12 @@ def read_local(path: str) -> tuple[list[str], Iterator[dict]]:
                         break
             if not head:
                 raise DataError(f"{path}: file is empty")
-            columns = list(dict.fromkeys(k for row in head for k in row))
+            objects = [row for row in head if MALFORMED not in row]
+            if not objects:
+                lines = "its only line is not" if len(head) == 1 else f"none of its first {len(head)} lines is"
+                raise DataError(f"{path}: {lines} a JSON object ({head[0][MALFORMED]}); a .jsonl file holds one "
+                                f"object per line, e.g. {{\"anchor\": \"...\", \"positive\": \"...\"}}")
+            columns = list(dict.fromkeys(k for row in objects for k in row))
             return columns, _guarded(path, fh, _jsonl_rows(path, fh, head, line_no))
         # tsv: no quote processing (sentences contain `"`); csv: standard quoting, strict about stray quotes
         reader = (csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv"
@@ -155,15 +158,75 @@ def read_local(path: str) -> tuple[list[str], Iterator[dict]]:
         first = next(reader, None)
         if not first or not any(first):
             raise DataError(f"{path}: file is empty (no header line)")
-    header = [h.strip() for h in first]
-    return header, _guarded(path, fh, _csv_rows(header, reader), reader)
+        header = unique_columns(path, [h.strip() for h in first])
+    return header, _guarded(path, fh, _csv_rows(header, reader, suffix == ".tsv"), reader)
+
+
+def check_file(path: str) -> str:
+    """The format suffix of a local data file (.tsv, .csv, .jsonl, .parquet); DataError for a missing file,
+    a directory or an unknown format."""
+    if os.path.isdir(path):
+        found = _readable_files(path)
+        raise DataError(f"{path}: is a directory, not a data file; " + (
+            f"data files in it that mnr can read: {', '.join(found)} (pass them comma-separated)" if found else
+            f"it holds no file mnr can read ({', '.join(LOCAL_SUFFIXES)}, optionally .gz)"))
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    suffix = Path(path[:-3] if path.endswith(".gz") else path).suffix
+    if suffix not in LOCAL_SUFFIXES:
+        raise DataError(f"{path}: unknown format {suffix!r}; expected one of {', '.join(LOCAL_SUFFIXES)} (optionally .gz)")
+    return suffix
+
+
+def check_sources(specs: Iterable[str], folders: bool = False) -> None:
+    """DataError for the first local source that is missing, of an unknown format or a directory (with
+    `folders`, as for evaluation sets, a directory passes: a BEIR folder); hub names pass.  Called before any
+    work, so that nothing is built or announced for a run that cannot read its data."""
+    for spec in (s.strip() for s in specs):
+        if spec and is_local(spec) and not (folders and os.path.isdir(spec)):
+            check_file(spec)
+
+
+def unique_columns(path: str, columns: list[str]) -> list[str]:
+    """`columns`, or DataError naming the first one that appears twice (a reader would keep only one of them).
+    Unnamed columns (e.g. from trailing delimiters) are never read, so they may repeat."""
+    seen = Counter(c for c in columns if c != "")
+    twice = [c for c in seen if seen[c] > 1]
+    if twice:
+        raise DataError(f"{path}: column {twice[0]!r} appears {seen[twice[0]]} times in the header; which one to "
+                        f"read is ambiguous: give every column its own name")
+    return columns
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _object_pairs(pairs: list[tuple[str, object]]) -> dict:
+    """json object hook: json.loads alone keeps the last of two equal keys, silently."""
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        counts = Counter(k for k, _ in pairs)
+        raise _DuplicateKey(next(k for k, _ in pairs if counts[k] > 1))
+    return out
+
+
+JSON_KINDS = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false",
+              type(None): "null"}
 
 
 def _json_row(path: str, line_no: int, line: str) -> dict:
+    """One JSONL line as a row: an object, or {MALFORMED: reason} for any other JSON value."""
     try:
-        return json.loads(line)
+        row = json.loads(line, object_pairs_hook=_object_pairs)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+    except _DuplicateKey as err:
+        raise DataError(f"{path}:{line_no}: key {err.args[0]!r} appears twice in one object; which one to read "
+                        f"is ambiguous") from None
+    if not isinstance(row, dict):
+        return {MALFORMED: f"line not a JSON object ({JSON_KINDS.get(type(row), type(row).__name__)})"}
+    return row
 
 
 def _jsonl_rows(path: str, fh, head: list[dict], line_no: int) -> Iterator[dict]:
@@ -174,13 +237,24 @@ def _jsonl_rows(path: str, fh, head: list[dict], line_no: int) -> Iterator[dict]
             yield _json_row(path, line_no, line)
 
 
-def _csv_rows(header: list[str], reader) -> Iterator[dict]:
+def _csv_rows(header: list[str], reader, tsv: bool) -> Iterator[dict]:
+    """Rows as dicts.  TSV: a text beyond the csv field size limit skips its line (one line is one row without
+    quoting; the reader goes on at the next one); in a CSV it may be an unclosed quote, so it is an error."""
     width = len(header)
-    for values in reader:
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            if not (tsv and _beyond_field_limit(err)):
+                raise
+            yield {MALFORMED: f"text longer than {csv.field_size_limit()} characters (the csv field size limit)"}
+            continue
         if not values:
             continue
         if len(values) > width:  # a stray delimiter: the fields cannot be trusted to line up
-            yield {MALFORMED: True}
+            yield {MALFORMED: "malformed row (more fields than the header)"}
             continue
         # A short row leaves fields missing (None): counted as missing text later, never shifted.
         yield {h: (values[i] if i < len(values) else None) for i, h in enumerate(header)}
@@ -200,14 +274,32 @@ class _read_errors:
             return False
         self.fh.close()
         if isinstance(err, UnicodeDecodeError):
-            raise DataError(f"{self.path}: not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset "
-                            f"{err.start} of a chunk): re-encode the file as UTF-8") from None
+            utf16 = " (it starts with a UTF-16 byte-order mark)" if _starts_utf16(self.path) else ""
+            raise DataError(f"{self.path}: not UTF-8 text{utf16} (byte {err.object[err.start:err.start + 1]!r} at "
+                            f"offset {err.start} of a chunk): re-encode the file as UTF-8") from None
         if isinstance(err, csv.Error):
             line = f":{self.reader.line_num}" if self.reader is not None else ""
+            if _beyond_field_limit(err):  # only a CSV gets here (a TSV skips the row)
+                raise DataError(f"{self.path}{line}: a field longer than {csv.field_size_limit()} characters (the csv "
+                                f"field size limit): a '\"' that opens a quoted field and never closes it, or one "
+                                f"text that long (write such data as .jsonl)") from None
             raise DataError(f"{self.path}{line}: malformed CSV ({err}); quote fields that contain '\"'") from None
         if isinstance(err, (OSError, EOFError)):
             raise DataError(f"{self.path}: cannot read ({err})") from None
         return False
+
+
+def _starts_utf16(path: str) -> bool:
+    """Whether the file begins with a UTF-16 byte-order mark (what spreadsheets save as "Unicode text")."""
+    try:
+        with _open_bytes(path) as fh:
+            return fh.read(2) in (b"\xff\xfe", b"\xfe\xff")
+    except (OSError, EOFError):
+        return False
+
+
+def _beyond_field_limit(err: csv.Error) -> bool:
+    return "field larger than field limit" in str(err)
 
 
 def _guarded(path: str, fh, rows: Iterator[dict], reader=None) -> Iterator[dict]:
@@ -308,10 +400,29 @@ def _is_unicode(value: str) -> bool:
 
 
 def _unusable_text(values) -> str:
-    """The skip reason of a row with an unusable text (`values`: its raw cells)."""
+    """The skip reason of a row with an unusable text (`values`: its raw cells, usable ones among them)."""
     if any(isinstance(v, str) and not _is_unicode(v) for v in values):
         return "text not valid Unicode (a lone surrogate)"
+    if any(v is not None and not isinstance(v, str) for v in values):
+        return "field not text (a number, list or object)"
     return "empty or missing text"
+
+
+def nli_label(raw) -> str | None:
+    """ENTAILMENT, NEUTRAL or CONTRADICTION for a label cell (0/1/2, their names, any case), None for any other
+    value: a no-gold mark, an unknown name, a list or an object."""
+    if isinstance(raw, str):
+        return LABELS.get(raw.strip().lower())
+    return LABELS.get(raw) if _is_number(raw) else None
+
+
+def _no_gold(raw) -> bool:
+    return raw.strip() in NO_GOLD_LABELS if isinstance(raw, str) else _is_number(raw) and raw in NO_GOLD_LABELS
+
+
+def _is_number(value) -> bool:
+    """An int or float (numpy's too), not a bool (true is no label)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def detect_schema(source: str, columns: Iterable[str]) -> str:
@@ -355,13 +466,12 @@ def _nli_row(row: dict, stats: DataStats) -> tuple[str, str, str] | None:
     """(label, premise, hypothesis) of one NLI row, or None for a row that is skipped (and counted)."""
     stats.rows += 1
     if row.get(MALFORMED):
-        stats.skip("malformed row (more fields than the header)")
+        stats.skip(row[MALFORMED])
         return None
     raw_label = row.get("label")
-    label = LABELS.get(raw_label.strip().lower() if isinstance(raw_label, str) else raw_label)
+    label = nli_label(raw_label)
     if label is None:
-        stats.skip("no gold label (-1/-)" if raw_label in NO_GOLD_LABELS or (
-            isinstance(raw_label, str) and raw_label.strip() in NO_GOLD_LABELS) else "unknown label")
+        stats.skip("no gold label (-1/-)" if _no_gold(raw_label) else "unknown label")
         return None
     premise, hypothesis = cell_text(row.get("premise")), cell_text(row.get("hypothesis"))
     if premise is None or hypothesis is None:
@@ -451,12 +561,14 @@ def pair_examples(source: str, rows: Iterable[dict], hard_negatives: bool, negat
     for row in rows:
         stats.rows += 1
         if row.get(MALFORMED):
-            stats.skip("malformed row (more fields than the header)")
+            stats.skip(row[MALFORMED])
             continue
         texts = [cell_text(row.get(role)) for role in PAIR_COLUMNS]
         found = [t for t in _row_negatives(row, negatives) if t is not None]
         if None in texts or (negatives and not found):
-            stats.skip(_unusable_text([row.get(c) for c in (*PAIR_COLUMNS, *negatives)]))
+            failing = [row.get(c) for c, t in zip(PAIR_COLUMNS, texts) if t is None] or [
+                v for c in negatives for v in _cells(row.get(c), c == "negatives")]
+            stats.skip(_unusable_text(failing))
             continue
         chunk.append([intern(t, QUERY if i == 0 else DOCUMENT) for i, t in enumerate(texts + found)])
         if len(chunk) >= CHUNK_ROWS:
@@ -464,6 +576,11 @@ def pair_examples(source: str, rows: Iterable[dict], hard_negatives: bool, negat
             chunk = []
     if chunk:
         yield _padded(chunk)
+
+
+def _cells(value, is_list_column: bool) -> list:
+    """The raw cells of a column: a list column's items, else the value itself."""
+    return list(value) if is_list_column and isinstance(value, (list, tuple)) else [value]
 
 
 def _padded(rows: list[list[int]]) -> np.ndarray:
@@ -546,4 +663,21 @@ def pad_rows(chunks: list[np.ndarray], dtype=np.int64) -> np.ndarray:
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("MNR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mnr")
+    """$MNR_CACHE (`~` expanded), else ~/.cache/mnr."""
+    return os.path.expanduser(os.environ.get("MNR_CACHE") or os.path.join("~", ".cache", "mnr"))
+
+
+def env_int(name: str, default: int, minimum: int = 1) -> int:
+    """The integer in environment variable `name` (unset or empty: `default`); DataError naming the variable
+    for anything else than an integer >= minimum.  Read when used, never at import."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise DataError(f"environment variable {name}={text!r} is not an integer >= {minimum}; set it to one, or "
+                        f"unset it for the default ({default})")
+    return value

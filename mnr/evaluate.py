@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from mnr import distributed
 from mnr.data import DataError, cell_text, read_source
 from mnr.matryoshka import cut, label
+from mnr.reporting import json_ready
 from mnr.retrieval import (MAX_K, RetrievalData, is_beir_dir, load_beir, metric_names, nli_rows_as_retrieval,
                            pair_rows_as_retrieval, retrieval_metrics, split_beir_spec, sts_as_retrieval, top_k)
 
@@ -86,7 +87,8 @@ def _sts_from_rows(spec: str, columns: list[str], rows) -> STSData:
     if len(scores) < 2:
         raise DataError(f"{spec}: fewer than 2 usable STS pairs ({skipped} bad rows skipped)")
     if skipped:
-        logger.warning("%s: skipped %d rows with empty or non-Unicode text or a non-numeric score", spec, skipped)
+        logger.warning("%s: skipped %d rows with an empty, non-text or non-Unicode sentence or a non-numeric score",
+                       spec, skipped)
     return STSData(s1, s2, np.asarray(scores, dtype=np.float64), skipped)
 
 
@@ -423,11 +425,14 @@ def _evaluate(args) -> int:
     if distributed.is_main():
         if args.json:
             pipe = encoder.pipeline
-            print(json.dumps({"model": args.checkpoint, "processes": distributed.world_size(), "pooling": pipe.pooling,
-                              "query_prompt": pipe.query_prompt, "document_prompt": pipe.document_prompt,
-                              "results": {label(ev.name, dim): {"kind": ev.kind, "main_metric": ev.main_metric,
-                                                                 **({"dim": dim} if dim else {}), **res}
-                                          for ev, by_dim in zip(evaluators, results) for dim, res in by_dim.items()}}))
+            # a score that is not a number (NaN: Spearman over constant scores) is null: JSON has no NaN
+            print(json.dumps(json_ready({
+                "model": args.checkpoint, "processes": distributed.world_size(), "pooling": pipe.pooling,
+                "query_prompt": pipe.query_prompt, "document_prompt": pipe.document_prompt,
+                "results": {label(ev.name, dim): {"kind": ev.kind, "main_metric": ev.main_metric,
+                                                   **({"dim": dim} if dim else {}), **res}
+                            for ev, by_dim in zip(evaluators, results) for dim, res in by_dim.items()}}),
+                allow_nan=False))
         else:
             for ev in evaluators:
                 print(ev.describe())

@@ -17,11 +17,7 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    report_to = cfg.report_to
-    if report_to == "auto":
-        from accelerate.utils import is_tensorboard_available
-
-        report_to = "tensorboard" if is_tensorboard_available() else "none"
+    report_to = resolve_tracker(cfg.report_to)
     accelerator = Accelerator(log_with=None if report_to == "none" else report_to, project_dir=cfg.output_dir,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False),
                                                InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))],
@@ -33,6 +29,24 @@ def make_accelerator(cfg: TrainConfig):
                           f"{accelerator.num_processes} ({accelerator.distributed_type}); check the accelerate config")
     check_backend(accelerator, cfg)
     return accelerator, report_to
+
+
+def resolve_tracker(report_to: str) -> str:
+    """The tracker Accelerate logs to ('none': none): 'auto' is tensorboard when installed, else none; a named
+    tracker that is not installed, or 'all' with none installed, is a LaunchError saying what to install
+    (Accelerate itself would only warn and train without one)."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    installed = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    if report_to == "auto":
+        return "tensorboard" if installed["tensorboard"] else "none"
+    if report_to == "all" and not any(installed.values()):
+        raise LaunchError("--report-to all: no tracker is installed; pip install tensorboard (or wandb), or pass "
+                          "--report-to none")
+    if report_to in installed and not installed[report_to]:
+        raise LaunchError(f"--report-to {report_to}: the {report_to} package is not installed; pip install "
+                          f"{report_to}, or pass --report-to none (or auto: tensorboard when installed)")
+    return report_to
 
 
 def _launched_without_device() -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -15,12 +16,29 @@ from pathlib import Path
 from mnr import distributed
 
 
+def plural(n: int, word: str, many: str = "") -> str:
+    """'1 step', '2 steps' ('many': an irregular plural, e.g. plural(n, "process", "processes"))."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
 def setup_logging(is_main: bool) -> None:
     level = logging.INFO if is_main else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger().setLevel(level)
     for noisy in ("transformers", "datasets", "httpx", "urllib3", "filelock", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def json_ready(value):
+    """`value` with every NaN or infinite float replaced by None (null): JSON has no NaN, and `json.dumps` would
+    write one that strict readers (jq, JavaScript, most other languages) refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
 
 
 class MetricsLog:
@@ -52,7 +70,7 @@ class MetricsLog:
         if not distributed.is_main():
             return
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(json_ready(record), allow_nan=False) + "\n")
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.accelerator.trackers:
             self.accelerator.log(numbers, step=record.get("step"))

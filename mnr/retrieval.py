@@ -27,7 +27,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from mnr.data import ENTAILMENT, LABELS, MALFORMED, NEUTRAL, DataError, cell_text, read_local
+from mnr.data import ENTAILMENT, MALFORMED, NEUTRAL, DataError, cell_text, nli_label, read_local
 
 K_VALUES = {"ndcg": (10,), "mrr": (10,), "map": (100,), "recall": (1, 10, 100), "accuracy": (1,)}
 MAX_K = 100
@@ -100,7 +100,9 @@ def _read_id_text(path: str, with_title: bool, skipped: Counter, what: str) -> t
     _, rows = read_local(path)
     ids, texts, seen = [], [], {}
     for line_no, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or row.get("_id") is None:
+        if row.get(MALFORMED):
+            raise DataError(f"{path}: record {line_no}: {row[MALFORMED]}")
+        if row.get("_id") is None:
             raise DataError(f"{path}: record {line_no} has no _id")
         rid = str(row["_id"])
         if rid in seen:
@@ -225,8 +227,7 @@ def nli_rows_as_retrieval(source: str, rows: Iterable[dict]) -> RetrievalData:
 
     def triples():
         for row in rows:
-            raw = row.get("label")
-            label = LABELS.get(raw.strip().lower() if isinstance(raw, str) else raw)
+            label = nli_label(row.get("label"))
             premise, hypothesis = cell_text(row.get("premise")), cell_text(row.get("hypothesis"))
             if row.get(MALFORMED) or label is None or premise is None or hypothesis is None:
                 skipped["rows with empty text or no usable label"] += 1

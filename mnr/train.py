@@ -21,11 +21,12 @@ import torch
 from mnr import distributed
 from mnr.batching import Collator, GlobalBatchSampler, make_loader
 from mnr.atomic import atomic_dir, staged_into
+from mnr.card import EMBEDDED_TRAIN_DATA
 from mnr.checkpoint import (CheckpointError, TrainState, latest_checkpoint, load_checkpoint, newest_intact_checkpoint,
                             read_state, run_identity, save_checkpoint)
 from mnr.cli import check_fits
 from mnr.config import EMBEDDED_EVAL, EMBEDDED_TRAIN, TrainConfig
-from mnr.data import DataError
+from mnr.data import DataError, check_sources, split_specs
 from mnr.evaluate import Evaluator, build_evaluators, metric_choices
 from mnr.gradcache import cached_loss_and_backward
 from mnr.launch import LaunchError, make_accelerator
@@ -33,7 +34,7 @@ from mnr.loss import no_gather
 from mnr.matryoshka import label, record_dims
 from mnr.model import ModelError, choose_pipeline, load_encoder, nonfinite_weights, resolve_model_path, save_model
 from mnr.objectives import Objective, Rows, objective_from_config
-from mnr.reporting import LogWindow, MetricsLog, Progress, Stopped, StopRequest, setup_logging
+from mnr.reporting import LogWindow, MetricsLog, Progress, Stopped, StopRequest, plural, setup_logging
 from mnr.rundir import OutputDirError, mark_finished, open_output_dir, release_locks, write_marker
 from mnr.store import Prompts, Team, prepare_train_store
 
@@ -230,7 +231,7 @@ def finish(t: Trainer) -> dict:
     t.summary.update(metrics_after=after, steps=st.global_step, skipped_steps=st.skipped_steps,
                      steps_per_source=t.sampler.steps_by_source(st.epoch, st.step_in_epoch),
                      best_metric=t.best_metric, best_score=st.best_score)
-    t.accelerator.print(f"model saved to {t.out} ({st.global_step} steps)")
+    t.accelerator.print(f"model saved to {t.out} ({plural(st.global_step, 'step')})")
     if _stop_agreed(t):
         t.accelerator.print(f"{_signal_name(t)} received during the export: the export completed, the run is "
                             f"finished")
@@ -277,6 +278,8 @@ def setup(cfg: TrainConfig) -> Trainer:
     accelerator, report_to = make_accelerator(cfg)
     setup_logging(distributed.is_main())
     model_path, train_spec = resolve_model_path(cfg.model), cfg.train_data or str(EMBEDDED_TRAIN)
+    check_sources(split_specs(train_spec))  # before the output dir, the model and the token store
+    check_sources(cfg.eval_data.split(","), folders=True)
     # hashed once, by the main process (the data files are read whole), and shared with the others
     objective = objective_from_config(cfg)
     identity = distributed.run_on_main(lambda: run_identity(cfg, accelerator.num_processes, model_path, train_spec,
@@ -292,12 +295,16 @@ def setup(cfg: TrainConfig) -> Trainer:
     evaluators, best_metric = _setup_evaluators(cfg, getattr(encoder.config, "hidden_size", None))
     # an epoch without a single duplicate-free global batch is the sampler's error (it never yields zero steps)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else sampler.total_steps(cfg.epochs)
+    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    cannot_move = schedule_warning(total_steps, warmup_steps)
+    if cannot_move:
+        logger.warning("%s", cannot_move)
     optimizer = torch.optim.AdamW(param_groups(encoder, cfg.weight_decay), lr=cfg.lr)
     # Not passed to prepare(): Accelerate would step it once per process; we count global steps ourselves.
     # Its state goes into trainer_state.json, not register_for_checkpointing: Accelerate unpickles custom
     # objects with weights_only=False, and resume state must load with weights_only=True.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, linear_schedule(total_steps, math.ceil(cfg.warmup_ratio * total_steps)))
+        optimizer, linear_schedule(total_steps, warmup_steps))
     model, optimizer = accelerator.prepare(encoder, optimizer)
     if distributed.is_main() and report_to != "none":
         accelerator.init_trackers("mnr", config={k: v for k, v in cfg.to_dict().items() if v is not None})
@@ -315,10 +322,11 @@ def setup(cfg: TrainConfig) -> Trainer:
     if distributed.is_main():
         write_marker(out, identity, cfg.to_dict(), world)
     left_over = examples - sampler.steps_in_epoch(0) * t.global_batch
-    logger.info("%d examples -> %d global batches of %d per epoch (%d wait for the next epoch's reshuffle); "
-                "%d steps; %d process%s x %d; %d negatives per anchor%s", examples, sampler.steps_in_epoch(0),
-                t.global_batch, left_over, total_steps, world, "es" if world > 1 else "", cfg.batch_size,
-                t.negatives_per_anchor,
+    logger.info("%s -> %s of %d per epoch (%d wait%s for the next epoch's reshuffle); %s; %s x %d; %s%s",
+                plural(examples, "example"), plural(sampler.steps_in_epoch(0), "global batch", "global batches"),
+                t.global_batch, left_over, "s" if left_over == 1 else "", plural(total_steps, "step"),
+                plural(world, "process", "processes"), cfg.batch_size,
+                plural(t.negatives_per_anchor, "negative per anchor", "negatives per anchor"),
                 " (gathered from all processes)" if t.gather and world > 1 else "")
     t.summary = {"output_dir": str(out), "total_steps": total_steps, "examples": examples,
                  "global_batch_size": t.global_batch, "negatives_per_anchor": t.negatives_per_anchor}
@@ -428,6 +436,22 @@ def linear_schedule(total_steps: int, warmup_steps: int):
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return factor
+
+
+def lr_steps(optimizer_steps: int, warmup_steps: int) -> int:
+    """How many of a run's first `optimizer_steps` optimizer steps have lr > 0 under `linear_schedule`: all but
+    the first when there is a warm-up (its factor is 0 / warmup_steps); the last step's factor is never 0."""
+    return max(0, optimizer_steps - (1 if warmup_steps > 0 else 0))
+
+
+def schedule_warning(total_steps: int, warmup_steps: int) -> str | None:
+    """The start-up warning of a run whose optimizer cannot move the weights (no step at lr > 0); else None."""
+    if lr_steps(total_steps, warmup_steps) > 0:
+        return None
+    return (f"this run cannot change the weights: {plural(total_steps, 'optimizer step')} with a warm-up of "
+            f"{plural(warmup_steps, 'step')}, and the linear warm-up gives the first step learning rate 0; the "
+            f"model will be saved as it was loaded. Train more steps (more data, --epochs or --max-steps, a smaller "
+            f"--batch-size) or pass --warmup-ratio 0")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -611,9 +635,11 @@ def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:
         evaluator, metric = name.split("/", 1)
         metrics.setdefault(evaluator, {})[metric] = {"before": t.state.metrics_before.get(name),
                                                      "after": scores.get(name), "scale": 100 if metric == "spearman" else 1}
-    return {"datasets": list(cfg.sources) or ["snli"],
-            "train_data": cfg.train_data or "the SNLI sample shipped in mnr/resources",
-            "matryoshka_dims": list(cfg.dims) or None,
+    data = ({"datasets": list(cfg.sources), "train_data": cfg.train_data} if cfg.train_data
+            else EMBEDDED_TRAIN_DATA)
+    applied = t.state.global_step - t.state.skipped_steps  # optimizer steps taken (a skipped step takes none)
+    return {**data, "matryoshka_dims": list(cfg.dims) or None,
+            "weights_unchanged": lr_steps(applied, math.ceil(cfg.warmup_ratio * t.total_steps)) == 0,
             "data_stats": t.data_stats, "examples": t.examples, "steps": t.state.global_step,
             "settings": settings, "metrics": metrics, "path": str(path)}
 

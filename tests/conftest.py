@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import socket
 import string
+import tempfile
 import threading
 from pathlib import Path
 
@@ -14,6 +16,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Token stores go to a temporary dir of this session, never the user's ~/.cache/mnr (or their $MNR_CACHE). Set at
+# import, before the test modules are collected: some copy os.environ for their subprocesses at import time.
+SESSION_CACHE = tempfile.mkdtemp(prefix="mnr-test-cache-")
+os.environ["MNR_CACHE"] = SESSION_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+
 
 REPO = Path(__file__).resolve().parent.parent
 # the shared data folder beside the checkout; MNR_SHARED_DATA points elsewhere (e.g. from a git worktree)

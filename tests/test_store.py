@@ -108,7 +108,7 @@ def test_an_interrupted_build_leaves_nothing_a_later_run_trusts(tmp_path, tok, m
 
 def test_no_usable_example_is_an_error_naming_the_skips(tmp_path, tok):
     path = write_tsv(tmp_path / "n.tsv", ["premise", "hypothesis", "label"], [["p", "h", "neutral"]])
-    with pytest.raises(DataError, match=r"no usable examples \(1 rows read, 0 examples kept; skipped: 1 neutral"):
+    with pytest.raises(DataError, match=r"no usable examples \(1 row read, 0 examples kept; skipped: 1 neutral"):
         prepare_train_store(str(path), tok, 32, False, str(tmp_path / "cache"))
     assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
 

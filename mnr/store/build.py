@@ -31,11 +31,16 @@ import numpy as np
 
 from mnr.data import (DOCUMENT, NO_TEXT, QUERY, DataError, DataStats, drop_repeats, iter_examples, map_ids,
                       no_examples_error, pad_rows)
+from mnr.data import env_int
 from mnr.store.format import FILES, STORE_VERSION, Prompts, per_source
 
 # texts per tokenizer call: big enough for its thread pool, small enough to overlap reading and to share the work
-# between processes evenly ($MNR_TOKENISE_CHUNK sets it)
-TOKENISE_CHUNK = int(os.environ.get("MNR_TOKENISE_CHUNK") or 20_000)
+# between processes evenly; 0: $MNR_TOKENISE_CHUNK or 20_000, read when a build starts (`tokenise_chunk`)
+TOKENISE_CHUNK = 0
+
+
+def tokenise_chunk() -> int:
+    return TOKENISE_CHUNK or env_int("MNR_TOKENISE_CHUNK", 20_000)
 
 
 def _hash(text: str) -> int:
@@ -54,7 +59,7 @@ def _part(kind: str, member: int) -> str:
 class _TextTable:
     """Interns texts (prompt + text, by the role's prompt) by hash and tokenises each new one once, in id order.
 
-    New texts go out in chunks of TOKENISE_CHUNK.  With one member (a build in one machine) every chunk is
+    New texts go out in chunks of `tokenise_chunk()`.  With one member (a build in one machine) every chunk is
     tokenised here on a background thread, straight into tokens.bin, while the next rows are read.  With
     `members` > 1 (a build split over processes) chunk c is written out as UTF-8 for member c % members to
     tokenise once the reading is done (`tokenise_share`), this process's share (member 0) included: reading
@@ -62,6 +67,7 @@ class _TextTable:
 
     def __init__(self, tokenizer, max_seq_length: int, directory: Path, prompts: list[tuple[str, str]],
                  members: int = 1):
+        self.chunk = tokenise_chunk()
         self.tokenizer, self.max_seq_length = tokenizer, max_seq_length
         self.backend = backend_for(tokenizer, max_seq_length)
         self.prompts = {QUERY: prompts[0][0], DOCUMENT: prompts[0][1]}  # the current source's (`use`)
@@ -95,7 +101,7 @@ class _TextTable:
             self.pending.append(prompted)
             if self.raw is not None:
                 self.raw_of.append(self.raw.setdefault(_hash(text), len(self.raw)))
-            if len(self.pending) >= TOKENISE_CHUNK:
+            if len(self.pending) >= self.chunk:
                 self._flush()
         return t
 
@@ -205,8 +211,9 @@ def tokenise_share(directory: Path, member: int, tokenizer, max_seq_length: int)
     backend = backend_for(tokenizer, max_seq_length)
     lengths = []
     with tokenizer_threads(), open(directory / _part("tok", member), "wb") as out:
-        for start in range(0, len(ends) - 1, TOKENISE_CHUNK):
-            bounds = ends[start:start + TOKENISE_CHUNK + 1] - ends[start]
+        chunk = tokenise_chunk()
+        for start in range(0, len(ends) - 1, chunk):
+            bounds = ends[start:start + chunk + 1] - ends[start]
             raw = bytes(blob[ends[start]:ends[start] + bounds[-1]])
             bounds = bounds.tolist()
             texts = [raw[a:b].decode("utf-8") for a, b in zip(bounds, bounds[1:])]

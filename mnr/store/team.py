@@ -21,7 +21,7 @@ from typing import Callable
 
 from mnr.collective import together
 from mnr.data import DataError, default_cache_dir, split_specs
-from mnr.store.build import Build, no_cyclic_gc, python_only, tokenise_share, tokenizer_threads
+from mnr.store.build import Build, no_cyclic_gc, python_only, tokenise_chunk, tokenise_share, tokenizer_threads
 from mnr.store.format import Prompts, TokenStore, check_store, open_store, store_fingerprint
 
 logger = logging.getLogger("mnr.store")
@@ -102,6 +102,7 @@ def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, 
     from mnr.atomic import ExclusiveLock  # removed on release: no store-*.lock left in the cache
 
     team = team or Team()
+    tokenise_chunk()  # a bad $MNR_TOKENISE_CHUNK is refused before any work
     specs, cache = split_specs(specs), Path(cache_dir or default_cache_dir())
     looks = together(team.gather, lambda: _look(cache, specs, hard_negatives, tokenizer, max_seq_length, prompts))
     fingerprint, what, _ = looks[team.rank]
