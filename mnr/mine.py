@@ -376,17 +376,19 @@ def _options(args) -> MineOptions:
 
 def _encoder_embed(args, device):
     """(embed queries, embed documents) through the model, sharded over the processes."""
-    from mnr.evaluate import encode_sharded
-    from mnr.model import load_encoder, resolve_model_path
+    from mnr.backbone import DOCUMENT, QUERY, Backbone
+    from mnr.evaluate import encode_sharded, with_prompt
 
-    encoder, tokenizer = load_encoder(resolve_model_path(args.model), args.trust_remote_code)
-    encoder.to(device)
+    backbone = Backbone.load(args.model, args.max_seq_length, args.trust_remote_code,
+                             pooling=getattr(args, "pooling", ""), query_prompt=args.prompt,
+                             document_prompt=args.document_prompt)
+    backbone.encoder.to(device)
 
-    def embed(prefix: str) -> Embed:
-        return lambda texts: encode_sharded(encoder, tokenizer, [prefix + t for t in texts], args.max_seq_length,
+    def embed(role: str) -> Embed:
+        return lambda texts: encode_sharded(backbone, with_prompt(backbone, texts, role), args.max_seq_length,
                                             args.batch_size, device)
 
-    return embed(args.prompt), embed(args.document_prompt)
+    return embed(QUERY), embed(DOCUMENT)
 
 
 def print_summary(summary: dict, output: str) -> None:
