@@ -287,3 +287,17 @@ def test_wrap_transformer_is_the_adapters_hook(tiny_model):
     backbone.attach(backbone.encoder)
     with pytest.raises(RuntimeError, match="after the model was prepared"):
         backbone.wrap_transformer(lambda transformer: transformer)
+
+
+def test_the_cards_snippets_lower_case_as_the_policy_does(cased_model, tmp_path):
+    from mnr.card import PLACEHOLDER
+    from mnr.evaluate import encode
+    from test_card import python_blocks
+
+    backbone = Backbone.load(str(cased_model), 32)
+    backbone.export(tmp_path / "out", 32)
+    for code in python_blocks((tmp_path / "out" / "README.md").read_text()):  # sentence-transformers, transformers
+        scope: dict = {}
+        exec(code.replace(PLACEHOLDER, str(tmp_path / "out")), scope)  # noqa: S102 - the card's own code
+        assert any(c.isupper() for s in scope["sentences"] for c in s)
+        assert (torch.as_tensor(scope["embeddings"]) - encode(backbone, scope["sentences"], 32)).abs().max() < 1e-5
