@@ -49,7 +49,7 @@ def run_identity(cfg, world_size: int, model_path: str, train_spec: str, eval_sp
     """The fingerprint of a run, flat (key -> value), compared key by key on resume (cfg: a TrainConfig; the loss's
     entries are the objective's `identity()`, default the one the config chooses)."""
     from mnr.backbone import load_policy
-    from mnr.model import pipeline_choices, read_pipeline
+    from mnr.model import ModelError, pipeline_choices, read_pipeline
     from mnr.objectives import OBJECTIVE_FIELDS, objective_from_config
 
     settings = {k: v for k, v in cfg.to_dict().items() if k not in MAY_CHANGE_ON_RESUME}
@@ -58,7 +58,10 @@ def run_identity(cfg, world_size: int, model_path: str, train_spec: str, eval_sp
     # pooling and prompts as the run uses them (a default follows the base model's sentence-transformers files)
     settings.update(pipeline_choices(read_pipeline(model_path), cfg.pooling, cfg.query_prompt, cfg.document_prompt))
     # the tokenizer as the run tokenises (its whole state, sides, pad token, lower-casing): a switch refuses to resume
-    settings.update(load_policy(model_path, cfg.max_seq_length, cfg.trust_remote_code).identity())
+    try:
+        settings.update(load_policy(model_path, cfg.max_seq_length, cfg.trust_remote_code).identity())
+    except ModelError:  # no usable tokenizer: loading the model stops the run, with this message
+        pass
     return {"world_size": world_size, **settings, "model_files": _model_hash(model_path),
             "train_data_files": _sources_hash(train_spec), "eval_data_files": _sources_hash(eval_spec)}
 
