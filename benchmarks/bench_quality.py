@@ -23,11 +23,10 @@ HYPER = ["--epochs", "1", "--lr", "2e-5", "--warmup-ratio", "0.1", "--scale", "2
 
 
 def score(model_dir: str) -> float:
+    from mnr.backbone import Backbone
     from mnr.evaluate import load_sts, sts_spearman
-    from mnr.model import load_encoder
 
-    encoder, tokenizer = load_encoder(model_dir)
-    return sts_spearman(encoder, tokenizer, load_sts(str(common.STSB_VALIDATION)), 128)
+    return sts_spearman(Backbone.load(model_dir), load_sts(str(common.STSB_VALIDATION)), 128)
 
 
 def main() -> None:

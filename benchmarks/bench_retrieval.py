@@ -77,18 +77,18 @@ def build_set(folder: Path, corpus_size: int, seed: int = 0) -> tuple[int, int, 
 
 def worker_ours(folder: str, out: str) -> None:
     from mnr import distributed
+    from mnr.backbone import Backbone
     from mnr.evaluate import build_evaluators
-    from mnr.model import load_encoder
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import Accelerator
 
         Accelerator(cpu=True)
     (ev,) = build_evaluators(folder, max_seq_length=128, batch_size=64)
-    encoder, tokenizer = load_encoder(minilm_path())
+    backbone = Backbone.load(minilm_path())
     distributed.barrier()
     start = time.perf_counter()
-    metrics = ev.by_dim(encoder, tokenizer)[None]
+    metrics = ev.by_dim(backbone)[None]
     seconds = time.perf_counter() - start
     if distributed.rank() == 0:
         Path(out).write_text(json.dumps({"seconds": seconds, "metrics": metrics}))

@@ -34,12 +34,12 @@ def _cpu() -> float:
 
 
 def tokenizer_cpu(tokenizer, path: Path, n: int) -> dict[str, float]:
-    from mnr.store import backend_for
+    from mnr.backbone import TokenPolicy
 
     with open(path, encoding="utf-8") as fh:
         next(fh)
         texts = [line.split("\t", 1)[0] for _, line in zip(range(n), fh)]
-    backend = backend_for(tokenizer, 128)
+    backend = TokenPolicy.of(tokenizer, 128).backend()
     out = {}
     for name in ("encode_batch", "encode_batch_fast"):
         best = float("inf")
@@ -53,10 +53,11 @@ def tokenizer_cpu(tokenizer, path: Path, n: int) -> dict[str, float]:
 
 def build_phases(tokenizer, path: Path, stub: bool) -> dict[str, float]:
     from mnr.store import build as store, prepare_train_store
+    from mnr.backbone import TokenPolicy
 
     stamps: dict[str, float] = {}
     start, cpu0 = time.time(), _cpu()
-    finish, replace, encode = store._TextTable.finish, store.os.replace, store.encode
+    finish, replace, encode = store._TextTable.finish, store.os.replace, TokenPolicy.token_ids
 
     def timed_finish(table):
         stamps["last row read"] = time.time() - start
@@ -68,7 +69,7 @@ def build_phases(tokenizer, path: Path, stub: bool) -> dict[str, float]:
         stamps["files written"] = time.time() - start
         return replace(a, b)
 
-    def one_token(tok, texts, max_len, backend=None):
+    def one_token(policy, texts, backend=None):
         import numpy as np
 
         return np.ones(len(texts), np.int32), np.ones(len(texts), np.int64)
@@ -76,11 +77,11 @@ def build_phases(tokenizer, path: Path, stub: bool) -> dict[str, float]:
     cache = Path(tempfile.mkdtemp(prefix="mnr-build-"))
     store._TextTable.finish, store.os.replace = timed_finish, timed_replace
     if stub:
-        store.encode = one_token
+        TokenPolicy.token_ids = one_token
     try:
         prepare_train_store(str(path), tokenizer, 128, False, str(cache))
     finally:
-        store._TextTable.finish, store.os.replace, store.encode = finish, replace, encode
+        store._TextTable.finish, store.os.replace, TokenPolicy.token_ids = finish, replace, encode
         shutil.rmtree(cache, ignore_errors=True)
     stamps["build CPU s"] = _cpu() - cpu0
     return stamps

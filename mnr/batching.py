@@ -13,6 +13,7 @@ import copy
 import numpy as np
 import torch
 
+from mnr.backbone import pad_tokens
 from mnr.config import parse_sampling
 from mnr.data import NO_TEXT
 
@@ -314,8 +315,9 @@ def choose_negatives(rows: np.ndarray, example_indices: np.ndarray, k: int, seed
 class Collator:
     """Example indices -> one padded tensor over [anchors; positives; negatives] (padded to the longest).
 
-    `token_ids[t]` are the ids of text t: a list of lists, or a store's mapped `TokenTexts` (then the rows
-    are gathered straight from the mapped flat array, no per-text object made).
+    `token_ids` is a store's mapped `TokenTexts` (text t is `tokens[offsets[t]:offsets[t + 1]]`): the rows are
+    gathered straight from the mapped flat array, no per-text object made, and padded with `pad_token_id` on
+    `padding_side` (the run's TokenPolicy says both; mnr.backbone.pad_tokens, as the evaluators pad).
     negatives_per_query k (None: every column of text_ids as it stands): each example gets k negatives,
     chosen per epoch (`for_epoch`, see choose_negatives); with `masked`, the batch also carries
     "negative_mask" (B, k), False where an example had fewer than k (set it when any example of the data
@@ -325,10 +327,10 @@ class Collator:
     indexed with it before the loss; without empty slots in the batch there is no row_index."""
 
     def __init__(self, token_ids, text_ids: np.ndarray, pad_token_id: int, negatives_per_query: int | None = None,
-                 masked: bool = False, seed: int = 0):
+                 masked: bool = False, seed: int = 0, padding_side: str = "right"):
         self.token_ids = token_ids
         self.text_ids = text_ids if isinstance(text_ids, np.ndarray) else np.asarray(text_ids)
-        self.pad_token_id = pad_token_id
+        self.pad_token_id, self.padding_side = pad_token_id, padding_side
         self.k, self.masked, self.seed, self.epoch = negatives_per_query, masked, seed, 0
 
     def for_epoch(self, epoch: int) -> "Collator":
@@ -347,20 +349,11 @@ class Collator:
         row_index = None
         if valid is not None and not valid.all():  # empty slots: embed their positive once, not again per slot
             rows, row_index = _without_empty_slots(rows, valid)
-        offsets = getattr(self.token_ids, "offsets", None)
-        if offsets is not None:
-            starts = np.asarray(offsets[rows])
-            lengths = np.asarray(offsets[rows + 1]) - starts
-            mask = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
-            flat = np.asarray(self.token_ids.tokens[np.where(mask, starts[:, None] + np.arange(mask.shape[1]), 0)])
-            input_ids = np.where(mask, flat, self.pad_token_id).astype(np.int64)
-        else:
-            seqs = [self.token_ids[t] for t in rows]
-            lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-            mask = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
-            input_ids = np.full(mask.shape, self.pad_token_id, dtype=np.int64)
-            input_ids[mask] = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs])
-        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+        offsets = self.token_ids.offsets
+        starts = np.asarray(offsets[rows])
+        input_ids, mask = pad_tokens(self.token_ids.tokens, starts, np.asarray(offsets[rows + 1]) - starts,
+                                     self.pad_token_id, self.padding_side)
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
                  "example_indices": torch.from_numpy(example_indices)}
         if self.masked:
             batch["negative_mask"] = torch.from_numpy(valid)

@@ -256,6 +256,8 @@ def _transformers_usage(info: dict, path: str, pooling: str, query: str) -> list
     if query:
         lines.append(f"prompt = {query!r}  # the query prompt; documents take {info.get('document_prompt') or ''!r}")
         texts = "[prompt + s for s in sentences]"
+    if info.get("do_lower_case"):  # sentence-transformers lower-cases the text, prompt included
+        texts = "[(prompt + s).lower() for s in sentences]" if query else "[s.lower() for s in sentences]"
     lines += [f"batch = tokenizer({texts}, padding=True, truncation=True{length}, return_tensors='pt')",
               "with torch.no_grad():", "    output = model(**batch)",
               "embeddings = pool(output.last_hidden_state, batch['attention_mask'])"]

@@ -48,7 +48,8 @@ _FULL_HASH_LIMIT = 1 << 30  # weight files above 1 GiB: hash of the safetensors 
 def run_identity(cfg, world_size: int, model_path: str, train_spec: str, eval_spec: str, objective=None) -> dict:
     """The fingerprint of a run, flat (key -> value), compared key by key on resume (cfg: a TrainConfig; the loss's
     entries are the objective's `identity()`, default the one the config chooses)."""
-    from mnr.model import pipeline_choices, read_pipeline
+    from mnr.backbone import load_policy
+    from mnr.model import ModelError, pipeline_choices, read_pipeline
     from mnr.objectives import OBJECTIVE_FIELDS, objective_from_config
 
     settings = {k: v for k, v in cfg.to_dict().items() if k not in MAY_CHANGE_ON_RESUME}
@@ -56,6 +57,11 @@ def run_identity(cfg, world_size: int, model_path: str, train_spec: str, eval_sp
     settings.update(dict.fromkeys(OBJECTIVE_FIELDS) | (objective or objective_from_config(cfg)).identity())
     # pooling and prompts as the run uses them (a default follows the base model's sentence-transformers files)
     settings.update(pipeline_choices(read_pipeline(model_path), cfg.pooling, cfg.query_prompt, cfg.document_prompt))
+    # the tokenizer as the run tokenises (its whole state, sides, pad token, lower-casing): a switch refuses to resume
+    try:
+        settings.update(load_policy(model_path, cfg.max_seq_length, cfg.trust_remote_code).identity())
+    except ModelError:  # no usable tokenizer: loading the model stops the run, with this message
+        pass
     return {"world_size": world_size, **settings, "model_files": _model_hash(model_path),
             "train_data_files": _sources_hash(train_spec), "eval_data_files": _sources_hash(eval_spec)}
 
@@ -205,7 +211,8 @@ def newest_intact_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, Train
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: TrainState,
                     export_model: Callable[[Path], None], save_total_limit: int = 0) -> Path:
-    """Every process calls this (Accelerate saves each process's RNG state). Returns the final path.
+    """Every process calls this (Accelerate saves each process's RNG state), and `export_model(dir)` runs on every
+    process (a collective export). Returns the final path.
     A failure to write (a full disk ...) removes the partial `checkpoint-<step>.tmp` and raises one
     CheckpointError naming the checkpoint, on every process; any other exception removes it too."""
     out = Path(output_dir)
@@ -229,14 +236,18 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
         try:
             if error is None:
                 accelerator.save_state(str(tmp / STATE_DIR), safe_serialization=True)
-                if distributed.is_main():
-                    export_model(tmp)
         except Exception as err:
             if not is_write_failure(err):
                 raise
             error = err
         if any(distributed.all_gather_object(error is not None)):  # also: every process's files are written
             raise failed(error or "a write failed on another process")
+        try:
+            export_model(tmp)  # collective: every process takes part, the main one writes, a failure raises on all
+        except Exception as err:
+            if not is_write_failure(err):
+                raise
+            raise failed(err) from None
 
         def complete() -> None:
             state.files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}

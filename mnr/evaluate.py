@@ -8,9 +8,10 @@ the data (docs/evaluation.md):
   * STS pairs (sentence1, sentence2, score): Spearman x100 of the cosine;
   * a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv; `DIR@split` picks a split);
   * anchor, positive[, negative] rows, or NLI rows, turned into retrieval (mnr/retrieval.py).
-Prompts: the encoder's `pipeline.query_prompt` goes before every retrieval query and, for the symmetric STS
-pairs, before both sentences (the convention of E5/BGE-style models: the query prompt for symmetric tasks);
-`pipeline.document_prompt` before every corpus document.
+Every function takes a mnr.backbone.Backbone and tokenises and pads as its TokenPolicy says.  Prompts: the
+policy's query prompt goes before every retrieval query and, for the symmetric STS pairs, before both sentences
+(the convention of E5/BGE-style models: the query prompt for symmetric tasks); its document prompt before every
+corpus document.
 Every process calls every evaluator: the texts are encoded in shards across processes and the retrieval scores
 computed in shards by query, then gathered through mnr/distributed.py, so all processes return the same dict,
 equal to the single-process one.
@@ -99,18 +100,19 @@ def _length_batches(texts: list[str], batch_size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _embed_batches(encoder, tokenizer, texts: list[str], batches: list[list[int]], max_seq_length: int,
+def _embed_batches(backbone, texts: list[str], batches: list[list[int]], max_seq_length: int,
                    device) -> torch.Tensor | None:
-    """Float32 CPU embeddings of the given batches of text indices, concatenated in batch order (None if none)."""
+    """Float32 CPU embeddings of the given batches of text indices, concatenated in batch order (None if none);
+    tokenised and padded as the backbone's TokenPolicy says, cut at max_seq_length."""
     if not batches:
         return None
+    encoder, policy = backbone.encoder, backbone.policy.at_length(max_seq_length)
     device = device or next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
     out = []
     for idx in batches:
-        batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_seq_length,
-                          return_tensors="pt")
+        batch = policy.batch([texts[i] for i in idx])
         out.append(encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
     encoder.train(was_training)
     return torch.cat(out)
@@ -123,11 +125,12 @@ def _in_item_order(batches: list[list[int]], rows: torch.Tensor) -> torch.Tensor
     return out
 
 
-def encode(encoder, tokenizer, texts: list[str], max_seq_length: int = 128, batch_size: int = 64,
+def encode(backbone, texts: list[str], max_seq_length: int = 128, batch_size: int = 64,
            device: torch.device | str | None = None) -> torch.Tensor:
-    """(n, d) float32 embeddings (not normalised) in input order, on this process alone; batches sorted by length."""
+    """(n, d) float32 embeddings (not normalised) of `texts` as given (prompts put in by `with_prompt`) in input
+    order, on this process alone; batches sorted by length.  `backbone`: a mnr.backbone.Backbone."""
     batches = _length_batches(texts, batch_size)
-    return _in_item_order(batches, _embed_batches(encoder, tokenizer, texts, batches, max_seq_length, device))
+    return _in_item_order(batches, _embed_batches(backbone, texts, batches, max_seq_length, device))
 
 
 def sharded(batches: list[list[int]], compute: Callable[[list[list[int]]], torch.Tensor | None]) -> torch.Tensor:
@@ -147,17 +150,18 @@ def sharded(batches: list[list[int]], compute: Callable[[list[list[int]]], torch
     return _in_item_order(order, torch.cat(parts))
 
 
-def encode_sharded(encoder, tokenizer, texts: list[str], max_seq_length: int = 128, batch_size: int = 64,
+def encode_sharded(backbone, texts: list[str], max_seq_length: int = 128, batch_size: int = 64,
                    device: torch.device | str | None = None) -> torch.Tensor:
     """`encode`, with the batches shared out over all processes (every process must call it); each gets all
     (n, d) embeddings, the same as `encode` on one process (same batches, so the same padding)."""
     return sharded(_length_batches(texts, batch_size),
-                   lambda mine: _embed_batches(encoder, tokenizer, texts, mine, max_seq_length, device))
+                   lambda mine: _embed_batches(backbone, texts, mine, max_seq_length, device))
 
 
-def with_prompt(encoder, texts: list[str], role: str) -> list[str]:
-    """`texts` with the encoder's prompt of `role` ("query" or "document") in front (as the training store did)."""
-    prompt = getattr(getattr(encoder, "pipeline", None), f"{role}_prompt", "") or ""
+def with_prompt(backbone, texts: list[str], role: str) -> list[str]:
+    """`texts` with the policy's prompt of `role` ("query" or "document") in front (as the training store did;
+    the lower-casing, when the policy has it, comes with the tokenising)."""
+    prompt = backbone.policy.prompt(role)
     return [prompt + text for text in texts] if prompt else texts
 
 
@@ -167,18 +171,18 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def sts_spearman(encoder, tokenizer, data: STSData, max_seq_length: int = 128, batch_size: int = 64,
+def sts_spearman(backbone, data: STSData, max_seq_length: int = 128, batch_size: int = 64,
                  encode_fn: Callable = encode) -> float:
     """Spearman x 100 of cos(emb(sentence1), emb(sentence2)) against the gold scores (both sides with the
     query prompt)."""
-    texts, emb = _sts_embeddings(encoder, tokenizer, data, max_seq_length, batch_size, encode_fn)
+    texts, emb = _sts_embeddings(backbone, data, max_seq_length, batch_size, encode_fn)
     return _spearman_of(texts, F.normalize(emb, dim=-1), data)
 
 
-def _sts_embeddings(encoder, tokenizer, data: STSData, max_seq_length: int, batch_size: int,
+def _sts_embeddings(backbone, data: STSData, max_seq_length: int, batch_size: int,
                     encode_fn: Callable) -> tuple[list[str], torch.Tensor]:
     texts = list(dict.fromkeys(data.sentences1 + data.sentences2))
-    return texts, encode_fn(encoder, tokenizer, with_prompt(encoder, texts, "query"), max_seq_length, batch_size)
+    return texts, encode_fn(backbone, with_prompt(backbone, texts, "query"), max_seq_length, batch_size)
 
 
 def _spearman_of(texts: list[str], emb: torch.Tensor, data: STSData) -> float:
@@ -209,14 +213,14 @@ class Evaluator:
     def describe(self) -> str:
         raise NotImplementedError
 
-    def by_dim(self, encoder, tokenizer) -> dict[int | None, dict[str, float]]:
+    def by_dim(self, backbone) -> dict[int | None, dict[str, float]]:
         """{None: metrics of the full embedding, d: metrics of its first d coordinates for each of `dims`}."""
         raise NotImplementedError
 
-    def scores(self, encoder, tokenizer) -> dict[str, float]:
+    def scores(self, backbone) -> dict[str, float]:
         """Every metric under its key: `name/metric` (full embedding), `name@d/metric` (first d coordinates)."""
         return {f"{label(self.name, dim)}/{metric}": value
-                for dim, res in self.by_dim(encoder, tokenizer).items() for metric, value in res.items()}
+                for dim, res in self.by_dim(backbone).items() for metric, value in res.items()}
 
 
 @dataclass
@@ -227,8 +231,8 @@ class STSEvaluator(Evaluator):
         skips = f"; skipped: {self.data.skipped} rows with empty text or a non-numeric score" if self.data.skipped else ""
         return f"STS Spearman x100, {self.name} ({self.source}): {len(self.data.scores)} pairs{skips}"
 
-    def by_dim(self, encoder, tokenizer) -> dict[int | None, dict[str, float]]:
-        texts, emb = _sts_embeddings(encoder, tokenizer, self.data, self.max_seq_length, self.batch_size,
+    def by_dim(self, backbone) -> dict[int | None, dict[str, float]]:
+        texts, emb = _sts_embeddings(backbone, self.data, self.max_seq_length, self.batch_size,
                                      encode_sharded)
         return {dim: {"spearman": _spearman_of(texts, cut(emb, dim), self.data)} for dim in (None, *self.dims)}
 
@@ -241,11 +245,11 @@ class RetrievalEvaluator(Evaluator):
     def describe(self) -> str:
         return f"retrieval, {self.name} ({self.source}): {self.data.summary()}"
 
-    def by_dim(self, encoder, tokenizer) -> dict[int | None, dict[str, float]]:
-        args = (encoder, tokenizer, self.max_seq_length, self.batch_size)
-        queries = encode_sharded(*args[:2], with_prompt(encoder, self.data.queries, "query"), *args[2:])
-        docs = encode_sharded(*args[:2], with_prompt(encoder, self.data.corpus, "document"), *args[2:])
-        device = next(encoder.parameters()).device
+    def by_dim(self, backbone) -> dict[int | None, dict[str, float]]:
+        args = (self.max_seq_length, self.batch_size)
+        queries = encode_sharded(backbone, with_prompt(backbone, self.data.queries, "query"), *args)
+        docs = encode_sharded(backbone, with_prompt(backbone, self.data.corpus, "document"), *args)
+        device = next(backbone.encoder.parameters()).device
         return {dim: self._rank(cut(queries, dim), cut(docs, dim).to(device), device) for dim in (None, *self.dims)}
 
     def _rank(self, queries: torch.Tensor, docs: torch.Tensor, device) -> dict[str, float]:
@@ -383,26 +387,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup(args) -> tuple[list[Evaluator], object, object]:
+def _setup(args) -> tuple[list[Evaluator], object]:
     """Evaluators (with their Matryoshka sizes) and the model; a ValueError naming the input on bad input."""
+    from mnr.backbone import Backbone
     from mnr.cli import check_encoding_flags, check_fits
     from mnr.config import ConfigError, parse_dims
     from mnr.matryoshka import trained_dims, truncated_dims
-    from mnr.model import choose_pipeline, load_encoder
 
     check_encoding_flags(args)
     dims = parse_dims(args.eval_dims) if args.eval_dims is not None else trained_dims(args.checkpoint)
     evaluators = build_evaluators(",".join(args.data), batch_size=args.batch_size)
     if not evaluators:
         raise ConfigError("--data none: nothing to evaluate")
-    encoder, tokenizer = load_encoder(args.checkpoint, args.trust_remote_code)
-    max_seq_length = check_fits(args.max_seq_length, encoder)
-    choose_pipeline(encoder, args.pooling, args.query_prompt, args.document_prompt)
-    width = getattr(encoder.config, "hidden_size", None)
+    backbone = Backbone.load(args.checkpoint, args.max_seq_length or 128, args.trust_remote_code,
+                             pooling=args.pooling, query_prompt=args.query_prompt,
+                             document_prompt=args.document_prompt)
+    max_seq_length = check_fits(args.max_seq_length, backbone.encoder)
+    width = getattr(backbone.config, "hidden_size", None)
     for ev in evaluators:
         ev.max_seq_length = max_seq_length
         ev.dims = truncated_dims(dims, width) if width else ()
-    return evaluators, encoder, tokenizer
+    return evaluators, backbone
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,12 +424,12 @@ def _evaluate(args) -> int:
         from accelerate import Accelerator
 
         device = Accelerator(cpu=not torch.cuda.is_available()).device
-    evaluators, encoder, tokenizer = _setup(args)
-    encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    results = [ev.by_dim(encoder, tokenizer) for ev in evaluators]
+    evaluators, backbone = _setup(args)
+    backbone.encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    results = [ev.by_dim(backbone) for ev in evaluators]
     if distributed.is_main():
         if args.json:
-            pipe = encoder.pipeline
+            pipe = backbone.pipeline
             # a score that is not a number (NaN: Spearman over constant scores) is null: JSON has no NaN
             print(json.dumps(json_ready({
                 "model": args.checkpoint, "processes": distributed.world_size(), "pooling": pipe.pooling,

@@ -370,20 +370,20 @@ def _options(args) -> MineOptions:
 def _encoder_embed(args, device):
     """(embed queries, embed documents) through the model, sharded over the processes; the prompts and the
     pooling are the model's saved ones unless given."""
+    from mnr.backbone import DOCUMENT, QUERY, Backbone
     from mnr.cli import check_fits
-    from mnr.evaluate import encode_sharded
-    from mnr.model import choose_pipeline, load_encoder, resolve_model_path
+    from mnr.evaluate import encode_sharded, with_prompt
 
-    encoder, tokenizer = load_encoder(resolve_model_path(args.model), args.trust_remote_code)
-    max_seq_length = check_fits(args.max_seq_length, encoder)
-    choose_pipeline(encoder, args.pooling, args.query_prompt, args.document_prompt)
-    encoder.to(device)
+    backbone = Backbone.load(args.model, args.max_seq_length or 128, args.trust_remote_code, pooling=args.pooling,
+                             query_prompt=args.query_prompt, document_prompt=args.document_prompt)
+    max_seq_length = check_fits(args.max_seq_length, backbone.encoder)
+    backbone.encoder.to(device)
 
-    def embed(prefix: str) -> Embed:
-        return lambda texts: encode_sharded(encoder, tokenizer, [prefix + t for t in texts], max_seq_length,
+    def embed(role: str) -> Embed:
+        return lambda texts: encode_sharded(backbone, with_prompt(backbone, texts, role), max_seq_length,
                                             args.batch_size, device)
 
-    return embed(encoder.pipeline.query_prompt), embed(encoder.pipeline.document_prompt)
+    return embed(QUERY), embed(DOCUMENT)
 
 
 def print_summary(summary: dict, output: str) -> None:

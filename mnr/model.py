@@ -1,4 +1,5 @@
-"""The encoder (AutoModel without pooler + the base model's pooling) and its checkpoint layout.
+"""The encoder (AutoModel without pooler + the base model's pooling), the base's sentence-transformers pipeline
+and the export layout; mnr/backbone.py loads the model and owns its tokenisation and its (collective) export.
 
 A saved model directory loads silently with `AutoModel.from_pretrained` (+ the pooling of the model card)
 and with `SentenceTransformer(path)`, and both give the trainer's own embeddings (unit length where the
@@ -10,7 +11,6 @@ read and written as safetensors only: nothing is ever unpickled.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -158,48 +158,10 @@ def check_model_dir(path: str) -> None:
 
 
 def load_encoder(model: str, trust_remote_code: bool = False) -> tuple[Encoder, object]:
-    """(encoder, fast tokenizer) from a hub id or a local directory.  The encoder pools as the base model's
-    sentence-transformers pipeline says (`encoder.pipeline`); the pooler head is taken out of the model and
-    kept in `encoder.unused_weights` for the export."""
-    import transformers
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    """(encoder, fast tokenizer) of a hub id or a local directory: `mnr.backbone.Backbone.load`'s."""
+    from mnr.backbone import load_encoder as load
 
-    from safetensors import SafetensorError  # a truncated or overwritten weights file
-
-    transformers.utils.logging.disable_progress_bar()
-    path = resolve_model_path(model)
-    check_model_dir(path)
-    pipeline = read_pipeline(path)
-    verbosity = transformers.utils.logging.get_verbosity()
-    # A base saved without pooler weights (they are initialised here, see _take_out_pooler) gets a load report.
-    transformers.utils.logging.set_verbosity_error()
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
-        transformer = AutoModel.from_pretrained(path, config=config, use_safetensors=True,
-                                                trust_remote_code=trust_remote_code)
-    except ModelError:
-        raise
-    except (OSError, ValueError, KeyError, SafetensorError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"model={model or path!r} cannot be loaded: {first}") from None
-    finally:
-        transformers.utils.logging.set_verbosity(verbosity)
-    if not getattr(tokenizer, "is_fast", False):
-        raise ModelError(f"model={path!r} has no fast tokenizer (tokenizer.json); mnr needs one")
-    return Encoder(transformer, pipeline=pipeline, unused_weights=_take_out_pooler(transformer)), tokenizer
-
-
-def _take_out_pooler(transformer: nn.Module) -> dict[str, torch.Tensor]:
-    """Remove the pooler head (models whose constructor takes add_pooling_layer run without it) and return its
-    weights: the base checkpoint's own, or, when the checkpoint has none, the ones transformers just initialised
-    (what `AutoModel.from_pretrained(base)` gives too).  Written back on export, they let `AutoModel` load the
-    export without a "newly initialized" report; the sentence embedding never uses them."""
-    pooler = getattr(transformer, "pooler", None)
-    if not isinstance(pooler, nn.Module) or "add_pooling_layer" not in inspect.signature(type(transformer)).parameters:
-        return {}
-    transformer.pooler = None
-    return {f"pooler.{k}": v.detach().clone() for k, v in pooler.state_dict().items()}
+    return load(model, trust_remote_code)
 
 
 def _base_file(path: str, name: str) -> Path | None:
@@ -217,9 +179,20 @@ def _base_file(path: str, name: str) -> Path | None:
     return Path(found) if found else None
 
 
-def _read_json(path: str, name: str) -> dict | list:
+def _read_json(path: str, name: str, kind: type = dict) -> dict | list:
+    """A JSON file of the base model ({} or [] when it has none); ModelError naming it when it does not parse or
+    holds another kind of value than `kind`."""
     found = _base_file(path, name)
-    return json.loads(found.read_text(encoding="utf-8")) if found else {}
+    if not found:
+        return kind()
+    try:
+        value = json.loads(found.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ModelError(f"model={path!r}: {name} is not valid JSON ({err})") from None
+    if not isinstance(value, kind):
+        raise ModelError(f"model={path!r}: {name} holds a JSON {type(value).__name__}, expected a "
+                         f"{'list' if kind is list else 'object'}")
+    return value
 
 
 def base_hub_id(path: str) -> str:
@@ -242,9 +215,12 @@ def read_pipeline(path: str) -> Pipeline:
     """The base model's sentence-transformers pipeline; ModelError for one mnr cannot train and export
     faithfully (modules other than Transformer -> Pooling [-> Normalize], poolings not in POOLINGS)."""
     pipeline = Pipeline(base_model=base_hub_id(path), license=_front_matter(path).get("license"))
-    modules = _read_json(path, "modules.json")
-    if not modules:
+    if _base_file(path, "modules.json") is None:
         return pipeline
+    modules = _read_json(path, "modules.json", list)
+    if not modules or not all(isinstance(m, dict) for m in modules):
+        raise ModelError(f"model={path!r}: modules.json lists no sentence-transformers modules "
+                         f"({json.dumps(modules)[:60]}); expected Transformer -> Pooling [-> Normalize]")
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
     if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
         raise ModelError(f"model={path!r} has the sentence-transformers modules {' -> '.join(kinds)}; mnr trains "
@@ -332,12 +308,14 @@ def max_positions(encoder: Encoder) -> int | None:
 
 
 def save_model(encoder: Encoder, tokenizer, out_dir: str | os.PathLike, max_seq_length: int | None = None,
-               card: dict | None = None) -> None:
+               card: dict | None = None, state: dict[str, torch.Tensor] | None = None, policy=None) -> None:
     """Write transformers files (safetensors, the base's pooler weights included) + the base model's
     sentence-transformers pipeline + a model card (`mnr.card.model_card`).  `card` holds the run's facts (schema
     in mnr/card.py); base_model, pooling, normalize, max_seq_length, embedding_dim, similarity_fn_name and
     do_lower_case come from the encoder's pipeline, license too unless `card` gives one.
-    max_seq_length: the run's truncation when the user set one; None keeps the base model's."""
+    max_seq_length: the run's truncation when the user set one; None keeps the base model's.
+    state: the full weights (`Backbone.state_dict()`; default: the encoder's own); policy: the run's TokenPolicy,
+    whose lower-casing and prompts the card shows (default: the pipeline's)."""
     import transformers
 
     from mnr.card import model_card
@@ -345,7 +323,7 @@ def save_model(encoder: Encoder, tokenizer, out_dir: str | os.PathLike, max_seq_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe = encoder.pipeline
-    state = {**encoder.transformer.state_dict(), **encoder.unused_weights}
+    state = state if state is not None else {**encoder.transformer.state_dict(), **encoder.unused_weights}
     encoder.transformer.save_pretrained(out, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(out)
     seq_len = max_seq_length or pipe.max_seq_length or _length_limit(encoder, tokenizer)
@@ -370,6 +348,9 @@ def save_model(encoder: Encoder, tokenizer, out_dir: str | os.PathLike, max_seq_
              "max_seq_length": seq_len, "embedding_dim": encoder.config.hidden_size,
              "similarity_fn_name": pipe.similarity_fn_name, "do_lower_case": pipe.do_lower_case,
              "query_prompt": pipe.query_prompt, "document_prompt": pipe.document_prompt}
+    if policy is not None:  # what the run tokenised with
+        facts.update(do_lower_case=policy.do_lower_case, query_prompt=policy.query_prompt,
+                     document_prompt=policy.document_prompt)
     run_facts = {k: v for k, v in (card or {}).items() if v is not None}
     (out / "README.md").write_text(model_card({"license": pipe.license, **run_facts, **facts}), encoding="utf-8")
 

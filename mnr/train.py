@@ -32,7 +32,8 @@ from mnr.gradcache import cached_loss_and_backward
 from mnr.launch import LaunchError, make_accelerator
 from mnr.loss import no_gather
 from mnr.matryoshka import label, record_dims
-from mnr.model import ModelError, choose_pipeline, load_encoder, nonfinite_weights, resolve_model_path, save_model
+from mnr.backbone import Backbone
+from mnr.model import ModelError, nonfinite_weights, resolve_model_path
 from mnr.objectives import Objective, Rows, objective_from_config
 from mnr.reporting import LogWindow, MetricsLog, Progress, Stopped, StopRequest, plural, setup_logging
 from mnr.rundir import OutputDirError, mark_finished, open_output_dir, release_locks, write_marker
@@ -57,7 +58,7 @@ class Trainer:
     cfg: TrainConfig
     accelerator: Any
     model: torch.nn.Module  # prepared by Accelerate (DDP-wrapped under several processes)
-    tokenizer: Any
+    backbone: Backbone  # the model's owner: tokenisation policy, pooling, collective export
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR  # stepped per global step by us, not by Accelerate
     sampler: GlobalBatchSampler
@@ -226,7 +227,7 @@ def finish(t: Trainer) -> dict:
                             f"(first: {bad[0]}); start again with a lower --lr")
     if after and t.cfg.eval_steps:
         _keep_best(t, after)
-    distributed.run_on_main(lambda: _export_final(t, after))
+    _export_final(t, after)  # every process: the export is collective
     st = t.state
     t.summary.update(metrics_after=after, steps=st.global_step, skipped_steps=st.skipped_steps,
                      steps_per_source=t.sampler.steps_by_source(st.epoch, st.step_in_epoch),
@@ -239,10 +240,10 @@ def finish(t: Trainer) -> dict:
 
 
 def _export_final(t: Trainer, scores: dict[str, float]) -> None:
-    """The final model, written aside and moved into the output dir once whole; then mnr_run.json says finished."""
-    with staged_into(t.out) as tmp:
-        export(t, t.out, scores, into=tmp)
-    mark_finished(t.out)
+    """The final model, written aside and moved into the output dir once whole; then mnr_run.json says finished
+    (every process calls it: the export is collective)."""
+    export(t, t.out, scores, stage=lambda: staged_into(t.out))
+    distributed.run_on_main(lambda: mark_finished(t.out))
 
 
 def _stop_agreed(t: Trainer) -> bool:
@@ -287,10 +288,11 @@ def setup(cfg: TrainConfig) -> Trainer:
     out = prepare_output_dir(cfg, model_path, identity)
     resume_from = _find_resume(cfg, out)
     set_seed(cfg.seed)
-    encoder, tokenizer = _setup_model(cfg, model_path)
-    prompts = (encoder.pipeline.query_prompt, encoder.pipeline.document_prompt)
+    backbone = _setup_model(cfg, model_path)
+    encoder, policy = backbone.encoder, backbone.policy
+    prompts = (policy.query_prompt, policy.document_prompt)
     prompts = cfg.prompts_per_source(*prompts) or prompts  # --source-prompts: each source's own, in training
-    sampler, collator, examples, data_stats = _setup_data(cfg, train_spec, tokenizer, accelerator, prompts)
+    sampler, collator, examples, data_stats = _setup_data(cfg, train_spec, policy, accelerator, prompts)
     k = collator.k or 0
     evaluators, best_metric = _setup_evaluators(cfg, getattr(encoder.config, "hidden_size", None))
     # an epoch without a single duplicate-free global batch is the sampler's error (it never yields zero steps)
@@ -306,10 +308,11 @@ def setup(cfg: TrainConfig) -> Trainer:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_schedule(total_steps, warmup_steps))
     model, optimizer = accelerator.prepare(encoder, optimizer)
+    backbone.attach(model)
     if distributed.is_main() and report_to != "none":
         accelerator.init_trackers("mnr", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     world = accelerator.num_processes
-    t = Trainer(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
+    t = Trainer(cfg=cfg, accelerator=accelerator, model=model, backbone=backbone, optimizer=optimizer,
                 scheduler=scheduler, sampler=sampler, collator=collator, evaluators=evaluators,
                 best_metric=best_metric,
                 metrics=MetricsLog(accelerator, out / "metrics.jsonl"), state=TrainState(run_identity=identity),
@@ -333,10 +336,11 @@ def setup(cfg: TrainConfig) -> Trainer:
     return t
 
 
-def _setup_model(cfg: TrainConfig, model_path: str):
-    encoder, tokenizer = load_encoder(model_path, cfg.trust_remote_code)
-    encoder.length_buckets = cfg.length_buckets
-    choose_pipeline(encoder, cfg.pooling, cfg.query_prompt, cfg.document_prompt)  # the evaluators read them too
+def _setup_model(cfg: TrainConfig, model_path: str) -> Backbone:
+    backbone = Backbone.load(model_path, cfg.max_seq_length, cfg.trust_remote_code, pooling=cfg.pooling,
+                             query_prompt=cfg.query_prompt, document_prompt=cfg.document_prompt,
+                             length_buckets=cfg.length_buckets)
+    encoder = backbone.encoder
     check_fits(cfg.max_seq_length, encoder, "max_seq_length")
     width = getattr(encoder.config, "hidden_size", None)
     if width is not None and cfg.dims and max(cfg.dims) > width:
@@ -345,17 +349,17 @@ def _setup_model(cfg: TrainConfig, model_path: str):
     if width is not None and cfg.evaluation_dims and max(cfg.evaluation_dims) > width:
         raise TrainingError(f"eval_dims={cfg.eval_dims or cfg.matryoshka_dims!r} is invalid: the model's embeddings "
                             f"have {width} dimensions")
-    return encoder, tokenizer
+    return backbone
 
 
-def _setup_data(cfg: TrainConfig, train_spec: str, tokenizer, accelerator, prompts: Prompts = ("", "")
+def _setup_data(cfg: TrainConfig, train_spec: str, policy, accelerator, prompts: Prompts = ("", "")
                 ) -> tuple[GlobalBatchSampler, Collator, int, str]:
     """Sources -> the memory-mapped token store (built once per filesystem) -> this process's sampler, collator."""
     # Every process takes part: one store per filesystem, tokenised by the machines that share it (a failure
     # stops every process with its message).
     team = Team(distributed.rank(), accelerator.is_local_main_process, distributed.all_gather_object)
     sources = list(cfg.sources) or [train_spec]
-    data = prepare_train_store(sources, tokenizer, cfg.max_seq_length, cfg.hard_negatives, cfg.cache_dir, prompts, team)
+    data = prepare_train_store(sources, policy, cfg.max_seq_length, cfg.hard_negatives, cfg.cache_dir, prompts, team)
     logger.info("train data %s: %s", train_spec, data.stats.summary())
     k, masked, line = negatives_plan(cfg, data.max_negatives, data.negatives_per_example(), data.sources,
                                      data.source_names)
@@ -366,7 +370,7 @@ def _setup_data(cfg: TrainConfig, train_spec: str, tokenizer, accelerator, promp
                                  cfg.weights, cfg.source_sampling, data.source_names)
     if len(data.source_names) > 1:
         logger.info("%s", sources_line(cfg, sampler, data.sources, data.source_names))
-    collator = Collator(data.token_ids, data.text_ids, tokenizer.pad_token_id, k, masked, cfg.seed)
+    collator = Collator(data.token_ids, data.text_ids, policy.pad_token_id, k, masked, cfg.seed, policy.padding_side)
     return sampler, collator, len(data), data.stats.summary()
 
 
@@ -559,8 +563,7 @@ def _log_step(t: Trainer, loss: torch.Tensor, grad_norm) -> None:
 def evaluate(t: Trainer) -> dict[str, float]:
     """Every evaluator's metrics as {"evaluator/metric": value}. Every process calls it: the evaluators encode
     in shards and combine through mnr.distributed, so all processes get the same numbers (and none waits alone)."""
-    model = t.accelerator.unwrap_model(t.model)
-    return {key: value for ev in t.evaluators for key, value in ev.scores(model, t.tokenizer).items()}
+    return {key: value for ev in t.evaluators for key, value in ev.scores(t.backbone).items()}
 
 
 def _evaluate_and_log(t: Trainer, when: str | None) -> dict[str, float]:
@@ -598,25 +601,26 @@ def _keep_best(t: Trainer, scores: dict[str, float]) -> None:
     st = t.state
     if st.best_score is None or score > st.best_score:
         st.best_score = score
-        distributed.run_on_main(lambda: _export_best(t, scores))  # a failure stops every process
+        _export_best(t, scores)  # every process (collective); a failure stops every process
         logger.info("new best %s %s at step %d -> %s", t.best_metric, _shown(t.best_metric, score), st.global_step,
                     t.out / "best")
 
 
 def _export_best(t: Trainer, scores: dict[str, float]) -> None:
-    with atomic_dir(t.out / "best") as tmp:  # whole or absent: a kill or a full disk leaves the previous best/
-        export(t, t.out / "best", scores, into=tmp)
+    """best/ whole or absent: a kill or a full disk leaves the previous best/ (every process calls it)."""
+    export(t, t.out / "best", scores, stage=lambda: atomic_dir(t.out / "best"))
 
 
-def export(t: Trainer, path: Path, scores: dict[str, float] | None = None, into: Path | None = None) -> None:
-    """The model as it is now, in HF + sentence-transformers layout with a model card (main process); written
-    into `into` (a temporary dir that becomes `path`) when given, the card naming `path`."""
+def export(t: Trainer, path: Path, scores: dict[str, float] | None = None, into: Path | None = None,
+           stage=None) -> None:
+    """The model as it is now, in HF + sentence-transformers layout with a model card naming `path`: every process
+    calls it (the backbone's export is collective), the main one writes, into `into` when given (a temporary dir
+    that becomes `path`), or into the dir `stage()` yields (a context manager on the main process)."""
     cfg = t.cfg
     user_length = cfg.max_seq_length if "max_seq_length" in cfg.given else None
-    target = into or path
-    save_model(t.accelerator.unwrap_model(t.model), t.tokenizer, target, user_length,
-               card=_card_info(t, path, scores or {}))
-    record_dims(target, cfg.dims)  # the Matryoshka sizes, for `mnr.evaluate` and the card's truncate_dim
+    # then: the Matryoshka sizes, for `mnr.evaluate` and the card's truncate_dim
+    t.backbone.export(into or path, user_length, card=_card_info(t, path, scores or {}),
+                      then=lambda target: record_dims(target, cfg.dims), stage=stage)
 
 
 def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:

@@ -180,3 +180,16 @@ class ThreadTeam:
         for t in threads:
             t.join(120)
         return results
+
+
+def token_texts(seqs):
+    """Token id lists as the collator takes them (a store's `TokenTexts`: one flat array and its offsets)."""
+    import numpy as np
+
+    from mnr.store import TokenTexts
+
+    lengths = [len(s) for s in seqs]
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
+    return TokenTexts(tokens, offsets)

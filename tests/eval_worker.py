@@ -15,16 +15,16 @@ def main() -> None:
 
     from mnr import distributed
     from mnr.evaluate import build_evaluators
-    from mnr.model import load_encoder
+    from mnr.backbone import Backbone
 
     model_path, spec, out_path = sys.argv[1:4]
     accelerator = Accelerator(cpu=True)
     assert distributed.world_size() == 2, "expected 2 processes"
-    encoder, tokenizer = load_encoder(model_path)
+    backbone = Backbone.load(model_path)
     results = []
     for ev in build_evaluators(spec, max_seq_length=32, batch_size=4):
         ev.query_chunk = 3
-        results.append(ev.by_dim(encoder, tokenizer)[None])
+        results.append(ev.by_dim(backbone)[None])
     everyone = distributed.all_gather_object({"rank": distributed.rank(), "world": distributed.world_size(),
                                               "results": results})
     if accelerator.is_main_process:

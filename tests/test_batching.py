@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import token_texts
 from mnr.batching import Collator, GlobalBatchSampler, make_loader
 
 
@@ -99,7 +100,7 @@ def test_too_little_data_for_one_batch():
 def test_collate_pads_to_the_longest_in_role_major_order():
     token_ids = [[101, 5, 102], [101, 6, 7, 8, 102], [101, 102], [101, 9, 102]]
     text_ids = np.array([[0, 1], [2, 3]])
-    out = Collator(token_ids, text_ids, pad_token_id=0)([0, 1])
+    out = Collator(token_texts(token_ids), text_ids, pad_token_id=0)([0, 1])
     assert out["input_ids"].shape == (4, 5)  # [anchor0, anchor1, positive0, positive1], longest = 5
     assert out["input_ids"][0].tolist() == [101, 5, 102, 0, 0]
     assert out["input_ids"][1].tolist() == [101, 102, 0, 0, 0]
@@ -112,7 +113,7 @@ def test_loader_yields_this_ranks_batches():
     ids = np.arange(40).reshape(20, 2)
     token_ids = [[1, 2, 3]] * 40
     sampler = GlobalBatchSampler(ids, batch_size=4, world_size=2, rank=1, seed=0)
-    loader = make_loader(sampler, Collator(token_ids, ids, 0), epoch=0, start_step=1)
+    loader = make_loader(sampler, Collator(token_texts(token_ids), ids, 0), epoch=0, start_step=1)
     got = [b["example_indices"].tolist() for b in loader]
     assert got == [b.tolist() for b in sampler.local_batches(0, 1)]
     assert all(isinstance(b["input_ids"], torch.Tensor) for b in loader)
@@ -171,7 +172,7 @@ def text_ids(n: int, seed: int = 0) -> np.ndarray:
 def test_processes_see_disjoint_equal_batches_without_repeated_text(world, n):
     ids = text_ids(n)
     tokens = [[t % 50 + 5] for t in range(30_000)]  # one token per text id: the collate is cheap
-    collator = Collator(tokens, ids, pad_token_id=0)
+    collator = Collator(token_texts(tokens), ids, pad_token_id=0)
     for epoch in range(3):
         loaders = [list(make_loader(GlobalBatchSampler(ids, 3, world, rank, seed=1), collator, epoch))
                    for rank in range(world)]

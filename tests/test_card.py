@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from mnr.backbone import Backbone
 from mnr.card import PLACEHOLDER, format_metric, model_card
 
 INFO = {
@@ -74,10 +75,11 @@ def test_scores_are_rounded_and_settings_tabled():
                                       {"pooling": "lasttoken", "normalize": True, "prompts": ("query: ", "doc: ")}])
 def test_both_snippets_load_the_export_and_give_the_trainers_embeddings(tiny_model, tmp_path, pipeline):
     from mnr.evaluate import encode, with_prompt
-    from mnr.model import choose_pipeline, load_encoder, save_model
+    from mnr.model import save_model
 
-    encoder, tok = load_encoder(str(tiny_model))
-    choose_pipeline(encoder, pipeline["pooling"], *pipeline.get("prompts", ("", "")))
+    backbone = Backbone.load(str(tiny_model))
+    encoder, tok = backbone.encoder, backbone.tokenizer
+    backbone.choose(pipeline["pooling"], *pipeline.get("prompts", ("", "")))
     encoder.pipeline.normalize = pipeline["normalize"]
     out = tmp_path / "out"
     save_model(encoder, tok, out, 32, card={"steps": 1})
@@ -90,7 +92,7 @@ def test_both_snippets_load_the_export_and_give_the_trainers_embeddings(tiny_mod
         results.append(torch.as_tensor(scope["embeddings"]))
     card = (out / "README.md").read_text()
     assert f"pooling: {pipeline['pooling']}" in card and ("prompt_name=\"query\"" in card) == ("prompts" in pipeline)
-    ours = encode(encoder, tok, with_prompt(encoder, scope["sentences"], "query"), max_seq_length=32)
+    ours = encode(backbone, with_prompt(backbone, scope["sentences"], "query"), max_seq_length=32)
     if pipeline["normalize"]:
         ours = torch.nn.functional.normalize(ours, dim=-1)
     for got in results:

@@ -64,14 +64,13 @@ def test_every_field_has_a_documented_flag():
 
 
 def test_bad_config_stops_before_any_model_is_loaded(capsys, monkeypatch):
-    import mnr.model
-    import mnr.train  # imported before patching: its own `load_encoder` name is patched too, and restored after
+    import mnr.backbone
 
     def boom(*a, **k):
         raise AssertionError("model loaded")
 
-    monkeypatch.setattr(mnr.model, "load_encoder", boom)
-    monkeypatch.setattr(mnr.train, "load_encoder", boom)
+    monkeypatch.setattr(mnr.backbone.Backbone, "load", boom)
+    monkeypatch.setattr(mnr.backbone, "load_tokenizer", boom)
     from mnr.train import main
 
     assert main(["--batch-size", "1"]) == 2

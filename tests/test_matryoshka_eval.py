@@ -11,33 +11,33 @@ import torch
 import torch.nn.functional as F
 
 from conftest import train_args
+from mnr.backbone import Backbone
 from mnr.evaluate import build_evaluators, encode, metric_choices
 from mnr.config import DimsError, parse_dims
 from mnr.matryoshka import trained_dims, truncated_dims
-from mnr.model import load_encoder
 
 
 def test_each_size_is_scored_on_truncated_renormalised_embeddings(tiny_model, sts_file):
     from mnr.evaluate import _spearman_of
 
-    encoder, tokenizer = load_encoder(str(tiny_model))
+    backbone = Backbone.load(str(tiny_model))
     (ev,) = build_evaluators(str(sts_file), 32, dims=(16, 8))
-    by_dim = ev.by_dim(encoder, tokenizer)
+    by_dim = ev.by_dim(backbone)
     assert list(by_dim) == [None, 16, 8]
-    assert by_dim[None] == replace(ev, dims=()).by_dim(encoder, tokenizer)[None]  # the full size: the numbers without --eval-dims
+    assert by_dim[None] == replace(ev, dims=()).by_dim(backbone)[None]  # the full size: the numbers without --eval-dims
     texts = list(dict.fromkeys(ev.data.sentences1 + ev.data.sentences2))
-    emb = encode(encoder, tokenizer, texts, 32)
+    emb = encode(backbone, texts, 32)
     expected = _spearman_of(texts, F.normalize(emb[:, :8], dim=-1), ev.data)
     assert by_dim[8]["spearman"] == pytest.approx(expected, abs=1e-9)
     assert by_dim[8] != by_dim[None]
-    assert set(ev.scores(encoder, tokenizer)) == {"sts/spearman", "sts@16/spearman", "sts@8/spearman"}
+    assert set(ev.scores(backbone)) == {"sts/spearman", "sts@16/spearman", "sts@8/spearman"}
     assert metric_choices([ev]) == ["sts/spearman", "sts@16/spearman", "sts@8/spearman"]
 
 
 def test_retrieval_metrics_per_size(tiny_model, nli_file):
-    encoder, tokenizer = load_encoder(str(tiny_model))
+    backbone = Backbone.load(str(tiny_model))
     (ev,) = build_evaluators(str(nli_file), 32, dims=(4,))
-    scores = ev.scores(encoder, tokenizer)
+    scores = ev.scores(backbone)
     assert "nli@4/ndcg@10" in scores and "nli/ndcg@10" in scores
     assert metric_choices([ev])[metric_choices([ev]).index("nli@4/ndcg@10") - 1] == "nli/accuracy@1"
 
@@ -72,8 +72,8 @@ def test_training_logs_each_size_records_them_and_the_card_shows_truncate_dim(tm
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(str(out), truncate_dim=16, device="cpu")  # the card's snippet, on this export
-    encoder, tokenizer = load_encoder(str(out))
-    ours = encode(encoder, tokenizer, ["a man is playing"], 32)
+    backbone = Backbone.load(str(out))
+    ours = encode(backbone, ["a man is playing"], 32)
     assert torch.allclose(torch.as_tensor(st.encode(["a man is playing"])), ours[:, :16], atol=1e-5)
     capsys.readouterr()
     # mnr.evaluate: the recorded sizes by default, --eval-dims to choose

@@ -162,9 +162,9 @@ def test_command_k_columns_jsonl_and_prompts(tmp_path, tiny_model, monkeypatch):
     seen = []
     real = mnr.evaluate.encode_sharded
 
-    def spy(encoder, tokenizer, texts, *args):
+    def spy(backbone, texts, *args):
         seen.extend(texts)
-        return real(encoder, tokenizer, texts, *args)
+        return real(backbone, texts, *args)
 
     monkeypatch.setattr(mnr.evaluate, "encode_sharded", spy)
     out = tmp_path / "mined.jsonl"

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import load_weights
 
+from mnr.backbone import Backbone
 from mnr.evaluate import encode
 from mnr.model import ModelError, check_model_dir, load_encoder, mean_pool, save_model
 
@@ -171,12 +172,13 @@ def test_export_keeps_the_base_pooler_weights_untouched(tiny_model, tmp_path):
 def test_plain_transformers_base_gets_mean_pooling_and_no_normalize(tiny_model, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    encoder, tok = load_encoder(str(tiny_model))
+    backbone = Backbone.load(str(tiny_model))
+    encoder, tok = backbone.encoder, backbone.tokenizer
     assert (encoder.pipeline.pooling, encoder.pipeline.normalize) == ("mean", False)
     save_model(encoder, tok, tmp_path / "out", 32)
     st = SentenceTransformer(str(tmp_path / "out"), device="cpu")
     assert [type(m).__name__ for m in st] == ["Transformer", "Pooling"] and st.max_seq_length == 32
-    ours = encode(encoder, tok, TEXTS, max_seq_length=32)
+    ours = encode(backbone, TEXTS, max_seq_length=32)
     assert (ours - torch.from_numpy(st.encode(TEXTS))).abs().max() < 1e-5
 
 
@@ -185,7 +187,8 @@ def test_export_keeps_the_base_sentence_transformers_pipeline(tiny_model, tmp_pa
     from sentence_transformers import SentenceTransformer
 
     base = st_base(tiny_model, tmp_path / "base", pooling=pooling)
-    encoder, tok = load_encoder(str(base))
+    backbone = Backbone.load(str(base))
+    encoder, tok = backbone.encoder, backbone.tokenizer
     pipe = encoder.pipeline
     assert (pipe.pooling, pipe.normalize, pipe.max_seq_length, pipe.do_lower_case) == (pooling, True, 48, True)
     assert (pipe.prompts, pipe.similarity_fn_name, pipe.license) == ({"query": "query: "}, "dot", "mit")
@@ -198,7 +201,7 @@ def test_export_keeps_the_base_sentence_transformers_pipeline(tiny_model, tmp_pa
     exported = torch.from_numpy(st_export.encode(TEXTS))
     assert (exported - torch.from_numpy(st_base_model.encode(TEXTS))).abs().max() < 1e-5
     # the trainer's own embedding, normalised as the Normalize module does
-    ours = torch.nn.functional.normalize(encode(encoder, tok, TEXTS, max_seq_length=48), dim=-1)
+    ours = torch.nn.functional.normalize(encode(backbone, TEXTS, max_seq_length=48), dim=-1)
     assert (exported - ours).abs().max() < 1e-5
     assert torch.allclose(exported.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-5)
     save_model(encoder, tok, tmp_path / "out32", 32)  # a max_seq_length the user set wins

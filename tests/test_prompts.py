@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import train_args, write_tsv
+from mnr.backbone import Backbone
 from mnr.batching import Collator
 from mnr.model import ModelError, choose_pipeline, last_token_pool, load_encoder, save_model
 from mnr.store import prepare_train_store, store_fingerprint
@@ -135,7 +136,7 @@ def test_evaluators_prompt_queries_and_documents_and_both_sts_sides_with_the_que
 
     from mnr.evaluate import build_evaluators
 
-    encoder, tok = load_encoder(str(tiny_model))
+    backbone = Backbone.load(str(tiny_model))
     dev = write_tsv(tmp_path / "dev.tsv", ["anchor", "positive"],
                     [["a man is playing", "a dog is running"], ["two children sitting", "the red car"],
                      ["a girl is eating", "a cat is sleeping"]])
@@ -150,9 +151,9 @@ def test_evaluators_prompt_queries_and_documents_and_both_sts_sides_with_the_que
                dataclasses.replace(sts_ev, data=dataclasses.replace(
                    sts_ev.data, sentences1=[q + t for t in sts_ev.data.sentences1],
                    sentences2=[q + t for t in sts_ev.data.sentences2]))]
-    expected = [ev.by_dim(encoder, tok)[None] for ev in by_hand]
-    choose_pipeline(encoder, "", *PROMPTS)
-    assert [ev.by_dim(encoder, tok)[None] for ev in (retrieval, sts_ev)] == expected
+    expected = [ev.by_dim(backbone)[None] for ev in by_hand]
+    backbone.choose("", *PROMPTS)
+    assert [ev.by_dim(backbone)[None] for ev in (retrieval, sts_ev)] == expected
 
 
 def test_evaluate_cli_defaults_to_the_saved_prompts_and_flags_override(tiny_model, tmp_path, capsys):
@@ -185,10 +186,11 @@ def test_a_run_trains_with_prompts_and_pooling_and_records_them(tmp_path, tiny_m
     identity = json.loads((out / "mnr_run.json").read_text())["run_identity"]
     assert (identity["pooling"], identity["query_prompt"], identity["document_prompt"]) == ("lasttoken", *PROMPTS)
     assert json.loads((out / "1_Pooling" / "config.json").read_text())["pooling_mode_lasttoken"] is True
-    encoder, tok = load_encoder(str(out))  # the export's pipeline: lasttoken and the prompts
+    backbone = Backbone.load(str(out))  # the export's pipeline: lasttoken and the prompts
+    encoder = backbone.encoder
     assert (encoder.pipeline.pooling, encoder.pipeline.query_prompt) == ("lasttoken", "query: ")
     st = SentenceTransformer(str(out), device="cpu")
-    ours = encode(encoder, tok, ["query: " + t for t in TEXTS], max_seq_length=32)
+    ours = encode(backbone, ["query: " + t for t in TEXTS], max_seq_length=32)
     assert (torch.from_numpy(st.encode(TEXTS, prompt_name="query")) - ours).abs().max() < 1e-5
     # the defaults are recorded as the run uses them: the base model's pooling and prompts
     from mnr.checkpoint import run_identity

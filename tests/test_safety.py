@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, WORDS, nli_rows, train_args, write_tsv
+import mnr.model  # the backbone's export writes through mnr.model.save_model
 from mnr.atomic import ExclusiveLock, WriteError, atomic_dir, staged_into
 from mnr.train import main
 
@@ -188,7 +189,7 @@ def test_a_signal_during_the_export_lets_it_finish(tmp_path, tiny_model, train_f
     import mnr.train as train_mod
 
     out = tmp_path / "run"
-    _signal_on_call(monkeypatch, train_mod, "save_model", 1)
+    _signal_on_call(monkeypatch, mnr.model, "save_model", 1)
     assert main(_args(tiny_model, train_file, out, "--max-steps", "2")) == 0
     assert "SIGTERM received during the export: the export completed, the run is finished" in capsys.readouterr().out
     assert json.loads((out / "mnr_run.json").read_text())["finished"] and (out / "model.safetensors").is_file()
@@ -289,7 +290,7 @@ def test_disk_full_in_the_final_export_leaves_no_model_that_passes_for_finished(
 
     out = tmp_path / "run"
     args = _args(tiny_model, train_file, out, "--max-steps", "2", "--save-steps", "2")
-    _disk_full_after(monkeypatch, train_mod, "save_model", 2)  # 1: the checkpoint, 2: the final export
+    _disk_full_after(monkeypatch, mnr.model, "save_model", 2)  # 1: the checkpoint, 2: the final export
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: cannot write {out}: disk full (No space left on device)"
@@ -305,13 +306,13 @@ def test_disk_full_in_a_checkpoint_or_best_is_one_line_and_leaves_nothing_partia
 
     out = tmp_path / "run"
     full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-    _disk_full_after(monkeypatch, train_mod, "save_model", 1, full)
+    _disk_full_after(monkeypatch, mnr.model, "save_model", 1, full)
     assert main(_args(tiny_model, train_file, out, "--max-steps", "2", "--save-steps", "1")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: saving checkpoint-1 failed: cannot write {out / 'checkpoint-1'}: disk full")
     assert "Traceback" not in err and not list(out.glob("*.tmp"))
     out = tmp_path / "run2"
-    _disk_full_after(monkeypatch, train_mod, "save_model", 2)  # the second best/
+    _disk_full_after(monkeypatch, mnr.model, "save_model", 2)  # the second best/
     assert main(_args(tiny_model, train_file, out, "--eval-data", str(sts), "--max-steps", "4",
                       "--eval-steps", "1")) in (0, 2)
     assert not list(out.glob("best.*")) and not list(out.glob("export.tmp"))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_tsv
+from conftest import token_texts, write_tsv
 from mnr.batching import Collator, GlobalBatchSampler, choose_negatives, make_loader, steps_per_source
 from mnr.config import ConfigError, TrainConfig, parse_config
 from mnr.data import DataError, load_examples
@@ -172,7 +172,7 @@ def test_the_loader_carries_the_mask_and_the_sampler_ignores_empty_slots():
     sampler = GlobalBatchSampler(rows, 4, seed=0)
     assert sampler.steps_in_epoch(0) == 2  # the -1 slots never clash
     tokens = [[5, 6, 7]] * 200
-    batch = next(iter(make_loader(sampler, Collator(tokens, rows, 0, 1, masked=True), 0)))
+    batch = next(iter(make_loader(sampler, Collator(token_texts(tokens), rows, 0, 1, masked=True), 0)))
     assert batch["negative_mask"].shape == (4, 1)
     assert batch["negative_mask"][:, 0].tolist() == [bool(i % 2) for i in batch["example_indices"].tolist()]
     # the empty slots are not embedded: 4 anchors + 4 positives + the real negatives; row_index restores 12 rows
@@ -186,7 +186,7 @@ def test_empty_slots_are_not_embedded_and_row_index_restores_every_row():
     rows = np.array([[0, 1, 10, 11], [2, 3, 20, -1], [4, 5, -1, -1]], dtype=np.int32)
     tokens = {t: [t + 100] * (1 + t % 3) for t in range(40)}
     token_list = [tokens[t] for t in range(40)]
-    batch = Collator(token_list, rows, 0, 2, masked=True)(np.arange(3))
+    batch = Collator(token_texts(token_list), rows, 0, 2, masked=True)(np.arange(3))
     chosen, valid = choose_negatives(rows, np.arange(3), 2, 0, 0)
     full = chosen.T.reshape(-1)  # role-major, empty slots holding the positive
     expanded = batch["input_ids"][batch["row_index"]]
@@ -195,7 +195,7 @@ def test_empty_slots_are_not_embedded_and_row_index_restores_every_row():
         n = len(tokens[t])
         assert expanded[r, :n].tolist() == tokens[t] and not expanded[r, n:].any()
     exact = np.array([[0, 1, 10], [2, 3, 20]], dtype=np.int32)
-    assert "row_index" not in Collator(token_list, exact, 0, 1, masked=True)(np.arange(2))
+    assert "row_index" not in Collator(token_texts(token_list), exact, 0, 1, masked=True)(np.arange(2))
 
 
 def _uneven_negatives(tmp_path) -> Path:

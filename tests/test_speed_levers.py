@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import token_texts
 from mnr.batching import Collator, GlobalBatchSampler
 from mnr.config import ConfigError, TrainConfig
 
@@ -73,7 +74,7 @@ def test_length_buckets_same_embeddings_and_gradients(tiny_model):
              "a black and white dog is running in the water", "an old man"]
     token_ids = [tokenizer(t)["input_ids"] for t in texts]
     text_ids = np.arange(len(texts)).reshape(2, -1).T  # 4 examples: (anchor, positive)
-    batch = Collator(token_ids, text_ids, tokenizer.pad_token_id)(np.arange(4))
+    batch = Collator(token_texts(token_ids), text_ids, tokenizer.pad_token_id)(np.arange(4))
 
     def embed_and_grad(buckets: int):
         encoder.zero_grad(set_to_none=True)

@@ -6,8 +6,8 @@ import logging
 import numpy as np
 import pytest
 
-from conftest import nli_rows, write_tsv
-from mnr.store import build as store_build
+from conftest import nli_rows, token_texts, write_tsv
+from mnr.backbone import TokenPolicy
 from mnr.batching import Collator
 from mnr.data import DataError, load_examples
 from mnr.store import check_store, prepare_train_store
@@ -64,7 +64,7 @@ def test_collating_from_the_store_equals_collating_from_lists(tmp_path, tok):
     as_lists = [store.token_ids[t].tolist() for t in range(store.n_texts)]
     idx = [3, 0, 7, 11]
     a = Collator(store.token_ids, store.text_ids, tok.pad_token_id)(idx)
-    b = Collator(as_lists, np.asarray(store.text_ids), tok.pad_token_id)(idx)
+    b = Collator(token_texts(as_lists), np.asarray(store.text_ids), tok.pad_token_id)(idx)
     assert all(bool((a[k] == b[k]).all()) and a[k].shape == b[k].shape for k in a)
     assert a["input_ids"].shape[0] == 3 * len(idx)
 
@@ -98,7 +98,7 @@ def test_an_interrupted_build_leaves_nothing_a_later_run_trusts(tmp_path, tok, m
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store_build, "encode", interrupted)
+    monkeypatch.setattr(TokenPolicy, "token_ids", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_train_store(path, tok, 6, True, str(cache))
     assert not [p for p in cache.iterdir() if not p.name.endswith(".lock")]  # no store, no temp dir
@@ -135,7 +135,8 @@ def test_the_fast_path_tokenises_exactly_like_the_tokenizer_call(tok):
     texts = ["A Man, playing!", "Café au lait — naïve résumé", "漢字 and kana かな mixed", "x" * 300,
              "word " * 40, "tabs\tand\nnewlines", "ünïcödé ÀÉÎ", "   padded   "]
     for max_len in (6, 32):
-        values, lengths = store_build.encode(tok, texts, max_len, store_build.backend_for(tok, max_len))
+        policy = TokenPolicy.of(tok, max_len)
+        values, lengths = policy.token_ids(texts, policy.backend())
         expected = tok(texts, truncation=True, max_length=max_len)["input_ids"]
         assert lengths.tolist() == [len(e) for e in expected]
         assert values.tolist() == [i for e in expected for i in e]

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from mnr.backbone import Backbone
 from mnr.train import linear_schedule, main
 
 REPO_ROOT = __import__("conftest").REPO
@@ -76,11 +77,11 @@ def test_checkpoint_loads_with_automodel_and_sentence_transformers(trained):
     from transformers import AutoModel, AutoTokenizer
 
     from mnr.evaluate import encode
-    from mnr.model import load_encoder, mean_pool
+    from mnr.model import mean_pool
 
     texts = ["a man is playing with a dog", "two children sitting", "a red car"]
-    encoder, tok = load_encoder(str(out))  # the trainer's own encoder
-    ours = encode(encoder, tok, texts, max_seq_length=32)
+    backbone = Backbone.load(str(out))  # the trainer's own encoder
+    ours = encode(backbone, texts, max_seq_length=32)
     hf_model, hf_tok = AutoModel.from_pretrained(out), AutoTokenizer.from_pretrained(out)
     hf_model.eval()
     batch = hf_tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")

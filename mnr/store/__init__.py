@@ -7,11 +7,11 @@
 Free of torch: the processes of a launch meet through an injected gather (`Team.gather`, see mnr/collective.py).
 """
 
-from mnr.store.build import TOKENISE_CHUNK, Build, assemble, backend_for, encode, python_only, tokenise_share
+from mnr.store.build import TOKENISE_CHUNK, Build, assemble, python_only, tokenise_share
 from mnr.store.format import (FILES, STORE_VERSION, Prompts, TokenStore, TokenTexts, check_store, open_store,
-                              per_source, source_identity, store_fingerprint, tokenizer_identity)
+                              per_source, source_identity, store_fingerprint)
 from mnr.store.team import Team, prepare_train_store
 
 __all__ = ["FILES", "STORE_VERSION", "TOKENISE_CHUNK", "Build", "Prompts", "Team", "TokenStore", "TokenTexts",
-           "assemble", "backend_for", "check_store", "encode", "open_store", "per_source", "prepare_train_store",
-           "python_only", "source_identity", "store_fingerprint", "tokenise_share", "tokenizer_identity"]
+           "assemble", "check_store", "open_store", "per_source", "prepare_train_store",
+           "python_only", "source_identity", "store_fingerprint", "tokenise_share"]

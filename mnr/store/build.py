@@ -5,7 +5,8 @@ files of mnr/store/format.py.
     new texts are tokenised in chunks on a background thread with the fast tokenizer's own thread pool
     (every core), while the main thread reads and hashes the next rows.
   * Prompts: a query (anchor) is stored as query_prompt + text, a document (positive, negative) as
-    document_prompt + text, prompt first, then hashed and tokenised (the prompt counts in max_seq_length); so
+    document_prompt + text, prompt first, lower-cased when the TokenPolicy says so, then hashed and tokenised
+    (the prompt counts in max_seq_length); so
     one text that is a query here and a document there is two token sequences when the prompts differ.
   * Split over processes (mnr/store/team.py), chunk c of the new texts is member c % n's to tokenise
     (`tokenise_share`), and `assemble` joins the shares in text-id order: the files are byte for byte those of a
@@ -24,11 +25,11 @@ import uuid
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
+from mnr.backbone import token_policy
 from mnr.data import (DOCUMENT, NO_TEXT, QUERY, DataError, DataStats, drop_repeats, iter_examples, map_ids,
                       no_examples_error, pad_rows)
 from mnr.data import env_int
@@ -69,9 +70,10 @@ class _TextTable:
                  members: int = 1):
         self.chunk = tokenise_chunk()
         self.tokenizer, self.max_seq_length = tokenizer, max_seq_length
-        self.backend = backend_for(tokenizer, max_seq_length)
-        self.prompts = {QUERY: prompts[0][0], DOCUMENT: prompts[0][1]}  # the current source's (`use`)
-        self.per_source = prompts
+        self.policy = token_policy(tokenizer, max_seq_length)
+        self.backend = self.policy.backend()
+        self.per_source = [tuple(map(self.policy.case, pair)) for pair in prompts]  # cased as the texts
+        self.prompts = {QUERY: self.per_source[0][0], DOCUMENT: self.per_source[0][1]}  # the current source's (`use`)
         self.ids: dict[int, int] = {}  # 128-bit hash -> text id (integers only: no text is kept)
         # Different prompts: a text as query and as document get two ids; the id of the bare text of each
         # (raw_of[text id]) still finds an example with the same text twice (see `drop_same_text`).
@@ -93,6 +95,7 @@ class _TextTable:
         self.prompts = {QUERY: self.per_source[source][0], DOCUMENT: self.per_source[source][1]}
 
     def intern(self, text: str, role: int = DOCUMENT) -> int:
+        text = self.policy.case(text)
         prompted = self.prompts[role] + text
         key = _hash(prompted)
         t = self.ids.get(key)
@@ -119,7 +122,7 @@ class _TextTable:
         self.inflight = self.pool.submit(self._write, texts)
 
     def _write(self, texts: list[str]) -> None:
-        values, lengths = encode(self.tokenizer, texts, self.max_seq_length, self.backend)
+        values, lengths = self.policy.token_ids(texts, self.backend)
         self.tokens.write(values.tobytes())
         self.text_lengths.extend(lengths.tolist())
         self.n_tokens += len(values)
@@ -174,41 +177,13 @@ def python_only(tokenizer) -> bool:
     return getattr(tokenizer, "backend_tokenizer", None) is None
 
 
-def backend_for(tokenizer, max_seq_length: int):
-    """A copy of the fast tokenizer's Rust backend, truncating like `tokenizer(..., truncation=True,
-    max_length=max_seq_length)` and never padding; None for a slow (Python) tokenizer."""
-    if python_only(tokenizer):
-        return None
-    from tokenizers import Tokenizer
-
-    backend = tokenizer.backend_tokenizer
-
-    fast = Tokenizer.from_str(backend.to_str())
-    fast.no_padding()
-    fast.enable_truncation(max_seq_length, direction=getattr(tokenizer, "truncation_side", "right"))
-    return fast
-
-
-def encode(tokenizer, texts: list[str], max_seq_length: int, backend=None) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of `texts` (truncated at max_seq_length, special tokens added, no padding), flattened:
-    (int32 values, int64 lengths).  With the Rust backend only the ids cross into Python (the wrapper's
-    per-text dict of masks would cost more than the tokenising)."""
-    if backend is not None:  # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: ~20% less CPU
-        batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        ids = [e.ids for e in batch(texts, add_special_tokens=True)]
-    else:
-        ids = tokenizer(texts, truncation=True, max_length=max_seq_length, add_special_tokens=True)["input_ids"]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    values = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-    return values, lengths
-
-
 def tokenise_share(directory: Path, member: int, tokenizer, max_seq_length: int) -> int:
     """Member `member`'s part of a split build: tokenise the texts the builder wrote out for it (`text-<m>.*` in
     the build's temporary directory) into `tok-<m>.bin` and `len-<m>.npy`; returns how many texts."""
     ends = np.fromfile(directory / _part("off", member), dtype=np.int64)
     blob = np.memmap(directory / _part("text", member), dtype=np.uint8, mode="r") if ends[-1] else b""
-    backend = backend_for(tokenizer, max_seq_length)
+    policy = token_policy(tokenizer, max_seq_length)
+    backend = policy.backend()
     lengths = []
     with tokenizer_threads(), open(directory / _part("tok", member), "wb") as out:
         chunk = tokenise_chunk()
@@ -217,7 +192,7 @@ def tokenise_share(directory: Path, member: int, tokenizer, max_seq_length: int)
             raw = bytes(blob[ends[start]:ends[start] + bounds[-1]])
             bounds = bounds.tolist()
             texts = [raw[a:b].decode("utf-8") for a, b in zip(bounds, bounds[1:])]
-            values, chunk_lengths = encode(tokenizer, texts, max_seq_length, backend)
+            values, chunk_lengths = policy.token_ids(texts, backend)
             out.write(values.tobytes())
             lengths.append(chunk_lengths)
     np.save(directory / _part("len", member), np.concatenate(lengths) if lengths else np.empty(0, np.int64))

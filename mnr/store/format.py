@@ -14,7 +14,8 @@ Layout of one store (a directory `store-<fingerprint>` in the cache dir):
 A store whose manifest or file sizes do not match, or whose arrays do not have the manifest's shapes, is not
 trusted (`check_store`).  The fingerprint covers the sources (path, size and mtime of local files; `datasets`'
 fingerprint of hub splits; their order, not their `*weight`), the hard-negatives mode (on, off, auto), the
-tokenizer (class, vocabulary, lower-casing), max_seq_length and the query/document prompts.  Every process maps
+token policy (`TokenPolicy.fingerprint`: the tokenizer's whole state, its sides, lower-casing), max_seq_length
+and the query/document prompts.  Every process maps
 the files read-only: N processes on a node share one copy in the page cache, and no per-text Python object is
 held while training.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mnr.backbone import token_policy
 from mnr.data import NO_TEXT, DataError, DataStats, is_local, load_hub, map_ids
 
 STORE_VERSION = 3  # 2: k negatives per example (-1 padded) and sources.npy; 3: bare_text.npy
@@ -120,15 +122,6 @@ def per_source(prompts, n_sources: int) -> list[tuple[str, str]]:
 
 
 
-def tokenizer_identity(tokenizer) -> str:
-    digest = hashlib.sha256()
-    for part in (type(tokenizer).__name__, str(len(tokenizer)), str(getattr(tokenizer, "name_or_path", "")),
-                 json.dumps(getattr(tokenizer, "init_kwargs", {}).get("do_lower_case"))):
-        digest.update(part.encode() + b"\0")
-    digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    return digest.hexdigest()
-
-
 def source_identity(spec: str) -> dict:
     if is_local(spec):
         path = os.path.abspath(spec)
@@ -142,10 +135,11 @@ def source_identity(spec: str) -> dict:
 
 def store_fingerprint(specs: list[str], hard_negatives: bool | None, tokenizer, max_seq_length: int,
                       prompts: Prompts = ("", "")) -> tuple[str, dict]:
-    """(fingerprint, what it was made of); `prompts` = (query prompt, document prompt), or one such pair per
-    source."""
+    """(fingerprint, what it was made of); `tokenizer`: the run's TokenPolicy (or a tokenizer: its default
+    policy), whose fingerprint covers the tokenizer's whole state, its sides and lower-casing; `prompts` =
+    (query prompt, document prompt), or one such pair per source."""
     what = {"version": STORE_VERSION, "sources": [source_identity(s) for s in specs],
-            "hard_negatives": hard_negatives, "tokenizer": tokenizer_identity(tokenizer),
+            "hard_negatives": hard_negatives, "tokenizer": token_policy(tokenizer, max_seq_length).fingerprint(),
             "max_seq_length": max_seq_length}
     pairs = sorted(set(per_source(prompts, len(specs))))
     if len(pairs) > 1:
