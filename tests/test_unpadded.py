@@ -155,3 +155,19 @@ def test_the_unpadded_forward_of_a_flattened_batch_never_syncs_with_the_host():
     with count_syncs() as syncs:
         unpadded_embed(unpadded, flat, "mean").sum().backward()
     assert syncs.calls == []
+
+
+@pytest.mark.slow
+def test_two_processes_with_gathered_negatives_and_gradcache_match_one_padded_process(tmp_path):
+    """tests/unpadded_dist_worker.py under 2 gloo processes (one launch, seconds of start-up)."""
+    import json
+
+    from test_distributed import MULTI_GPU, launch
+
+    launch(MULTI_GPU, ["tests/unpadded_dist_worker.py", str(tmp_path / "out.json")], tmp_path)
+    ranks = json.loads((tmp_path / "out.json").read_text())
+    assert len(ranks) == 2
+    for result in ranks:
+        for family in ("bert", "llama"):
+            r = result[family]
+            assert r["cached_vs_single"] < 1e-5 * max(1.0, r["grad_max"] / 2), (family, r)
