@@ -5,7 +5,7 @@ logging interval instead of once per step.
 the injected `reduce_max`, an all-reduce that does not wait for the host) and hands it to a fused AdamW as
 `found_inf`: the fused kernel then leaves the parameters, both moments and the step count untouched, as under
 GradScaler.  `StepFlags.read` (at a log, save or eval step) returns how many steps were skipped since the last
-read and the first of them, with one host sync.
+read, the first of them and whether any process asked to stop, with one host sync.
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ class StepFlags:
         self.skipped = self.skipped + flag.long()
         return flag
 
-    def read(self) -> tuple[int, int | None]:
-        """(steps skipped since the last read, the first of them or None); one host sync; resets the counts."""
-        skipped, first = torch.stack([self.skipped, self.first]).tolist()
+    def read(self, stop: bool = False) -> tuple[int, int | None, bool]:
+        """(steps skipped since the last read, the first of them or None, whether any process asked to stop: its
+        `stop`, e.g. a signal received); one host sync; resets the counts.  Every process calls it together."""
+        stop_any = self.reduce_max(torch.tensor(float(stop), device=self.skipped.device))
+        skipped, first, stop_any = torch.stack([self.skipped, self.first, (stop_any > 0).long()]).tolist()
         self.skipped, self.first = torch.zeros_like(self.skipped), torch.full_like(self.first, -1)
-        return skipped, (None if first < 0 else first)
+        return skipped, (None if first < 0 else first), bool(stop_any)

@@ -56,9 +56,9 @@ def test_a_nonfinite_step_is_skipped_on_the_device_and_counted_at_the_log_step()
         ref_opt.zero_grad(set_to_none=True)
     assert_same(snapshot(model, opt), snapshot(ref_model, ref_opt))
     with count_syncs() as syncs:
-        assert flags.read() == (1, 1)
+        assert flags.read() == (1, 1, False)
     assert len(syncs) == 1
-    assert flags.read() == (0, None)
+    assert flags.read(stop=True) == (0, None, True)
 
 
 def test_the_flag_is_reduced_over_processes_and_an_unfused_optimizer_is_refused():
@@ -72,6 +72,6 @@ def test_the_flag_is_reduced_over_processes_and_an_unfused_optimizer_is_refused(
     assert float(flags.guard(opt, loss, norm, 7)) == 1.0
     opt.step()
     assert_same(snapshot(model, opt), before)
-    assert flags.read() == (1, 7)
+    assert flags.read() == (1, 7, True)  # the other process's stop reaches this one too
     with pytest.raises(ValueError, match=r"AdamW\(fused=None\) cannot skip a step on the device"):
         StepFlags("cpu").guard(torch.optim.AdamW(model.parameters()), loss, norm, 0)
