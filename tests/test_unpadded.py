@@ -1,5 +1,6 @@
 """The unpadded forward (mnr.unpadded) gives the padded forward's embeddings and parameter gradients (1e-5, fp32)
-for tiny BERT, RoBERTa and decoder (Llama, Qwen2, Mistral) models, alone and under GradCache."""
+for tiny BERT, RoBERTa, XLM-RoBERTa and decoder (Llama, Qwen2, Mistral) models (every family of
+mnr.unpadded.VERIFIED), alone, under GradCache and under 2-process gathering."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import copy
 import pytest
 import torch
 from transformers import (BertConfig, BertModel, LlamaConfig, LlamaModel, MistralConfig, MistralModel, MPNetConfig,
-                          MPNetModel, Qwen2Config, Qwen2Model, RobertaConfig, RobertaModel)
+                          MPNetModel, Qwen2Config, Qwen2Model, RobertaConfig, RobertaModel, XLMRobertaConfig,
+                          XLMRobertaModel)
 
 from mnr.gradcache import cached_loss_and_backward
 from mnr.loss import mnr_loss, split_roles
 from mnr.model import POOLINGS
-from mnr.unpadded import (BACKEND, UnpaddedEncoder, UnpaddedError, flatten, pool_flat, prepare_unpadded,
+from mnr.unpadded import (BACKEND, VERIFIED, UnpaddedEncoder, UnpaddedError, flatten, pool_flat, prepare_unpadded,
                           supports_unpadded, unpadded_embed)
 from sync_counter import count_syncs
 
@@ -24,6 +26,8 @@ DECODER = dict(num_key_value_heads=2, attention_dropout=0.0)  # grouped-query at
 FAMILIES = {
     "bert": lambda: BertModel(BertConfig(**SMALL, **ENCODER), add_pooling_layer=False),
     "roberta": lambda: RobertaModel(RobertaConfig(**SMALL, **ENCODER, pad_token_id=1), add_pooling_layer=False),
+    "xlm-roberta": lambda: XLMRobertaModel(XLMRobertaConfig(**SMALL, **ENCODER, pad_token_id=1),
+                                           add_pooling_layer=False),
     "llama": lambda: LlamaModel(LlamaConfig(**SMALL, **DECODER)),
     "qwen2": lambda: Qwen2Model(Qwen2Config(**SMALL, **DECODER)),
     "mistral": lambda: MistralModel(MistralConfig(**SMALL, **DECODER, sliding_window=None)),
@@ -68,6 +72,10 @@ def assert_same_grads(a, b):
     """1e-5 for gradients up to 2; float32 rounding grows with the gradient (as in tests/test_gradcache.py)."""
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=1e-5 * max(1.0, float(y.abs().max()) / 2), rtol=0)
+
+
+def test_every_family_called_verified_is_tested_here():
+    assert sorted(FAMILIES) == sorted(VERIFIED)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls", "lasttoken"])
