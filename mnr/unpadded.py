@@ -105,7 +105,8 @@ def supports_unpadded(transformer: nn.Module) -> str | None:
     if getattr(config, "add_cross_attention", False):
         return "the model has cross-attention"
     if getattr(config, "position_embedding_type", "absolute") not in ("absolute", None):
-        return f"position_embedding_type {config.position_embedding_type!r}: only absolute positions restart per segment"
+        return (f"position_embedding_type {config.position_embedding_type!r}: only absolute positions restart per "
+                f"segment")
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return f"sliding-window attention ({config.sliding_window}) is not implemented by the varlen reference"
     return None
@@ -190,21 +191,27 @@ def _torch_varlen(module, query, key, value, cu, max_len, scaling):
 
 
 def _repadded(module, query, key, value, cu, max_len, dropout, scaling):
-    """(1, H, N, D) q/k/v -> (1, N, H, D): each segment's rows gathered into an (n, H, max_len, D) block, masked
-    sdpa over it, scattered back; exact per-segment attention with no host sync (max_len is an int)."""
+    """(1, H, N, D) q/k/v -> (1, N, H, D): each segment's tokens copied into an (n, H, max_len, D) block, masked
+    sdpa over it, the real slots selected back; exact per-segment attention with no host sync (max_len is an int).
+    index_copy / index_select: their backward passes are a select and an index_add, no scatter of duplicates."""
     total, lengths = query.shape[2], (cu[1:] - cu[:-1]).long()
-    offsets = torch.arange(max_len, device=query.device)
-    valid = offsets[None] < lengths[:, None]  # (n, L)
-    index = (cu[:-1, None].long() + offsets[None]).clamp(max=total - 1)  # (n, L) flat token of each slot
-    q, k, v = (t[0][:, index].transpose(0, 1) for t in (query, key, value))  # (n, H, L, D)
+    n, dim = lengths.shape[0], query.shape[3]
+    seg = _segment_ids(lengths, total)
+    slot = seg * max_len + torch.arange(total, device=query.device) - cu[:-1].long()[seg]  # (N,) slot in n x L
+
+    def block(t: torch.Tensor) -> torch.Tensor:  # (1, h, N, D) -> (n, h, L, D), zeros in the padding slots
+        tokens = t[0].transpose(0, 1)  # (N, h, D)
+        return tokens.new_zeros(n * max_len, t.shape[1], dim).index_copy(0, slot, tokens).view(
+            n, max_len, t.shape[1], dim).transpose(1, 2)
+
+    valid = torch.arange(max_len, device=query.device)[None] < lengths[:, None]  # (n, L)
     mask = valid[:, None, None, :]  # (n, 1, 1, L) keys that exist
     if getattr(module, "is_causal", False):
         mask = mask & torch.ones(max_len, max_len, dtype=torch.bool, device=query.device).tril()
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
+    out = torch.nn.functional.scaled_dot_product_attention(block(query), block(key), block(value), attn_mask=mask,
+                                                           dropout_p=dropout, scale=scaling,
                                                            enable_gqa=key.shape[1] != query.shape[1])  # (n, H, L, D)
-    seg = _segment_ids(lengths, total)
-    pos = torch.arange(total, device=query.device) - cu[:-1].long()[seg]
-    return out[seg, :, pos].unsqueeze(0)  # (1, N, H, D)
+    return out.transpose(1, 2).reshape(n * max_len, query.shape[1], dim).index_select(0, slot).unsqueeze(0)
 
 
 def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
