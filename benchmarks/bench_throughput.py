@@ -7,6 +7,7 @@ allocations).  Ours is timed by its own metrics.jsonl (--log-steps 1: pairs_per_
 reference by a callback at the end of every optimizer step; both include data loading.
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python benchmarks/bench_throughput.py
+    python benchmarks/bench_throughput.py --trainers ours,unpadded,st    # + mnr's unpadded forward (MNR_UNPADDED=1)
     python benchmarks/bench_throughput.py --precision bf16 --ours-extra "--length-buckets 1"
 """
 
@@ -33,7 +34,8 @@ def main() -> None:
                    help="bf16: ACCELERATE_MIXED_PRECISION=bf16 for ours, --bf16 (Trainer autocast) for theirs")
     p.add_argument("--ours-extra", default="", help="extra train_mnr.py flags (a speed lever)")
     p.add_argument("--st-extra", default="", help="extra benchmarks/st_train.py flags")
-    p.add_argument("--trainers", default="ours,st", help="order within a round")
+    p.add_argument("--trainers", default="ours,st", help="order within a round: ours, unpadded (ours with "
+                   "MNR_UNPADDED=1, through benchmarks/mnr_train.py), st")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for both trainers (0: torch's default); "
                    "1 is steadier when other processes share the cores")
     p.add_argument("--workdir", default="")
@@ -54,11 +56,14 @@ def main() -> None:
         row = {"round": rnd}
         for trainer in args.trainers.split(","):
             out, log = work / f"{trainer}-{rnd}", work / f"{trainer}-{rnd}.log"
-            if trainer == "ours":
+            if trainer in ("ours", "unpadded"):
                 cmd = common.ours_cmd(model, data, out, args.batch_size, args.steps,
                                       ["--no-hard-negatives", "--eval-data", "none", "--max-seq-length", "128"]
                                       + shlex.split(args.ours_extra))
-                rc, wall, rss = common.run_child(cmd, log, ours_env)
+                if trainer == "unpadded":
+                    cmd[1] = str(Path(__file__).resolve().parent / "mnr_train.py")
+                env = {**ours_env, "MNR_UNPADDED": str(int(trainer == "unpadded"))}
+                rc, wall, rss = common.run_child(cmd, log, env)
                 seconds = [s for _, s in common.ours_step_times(out / "metrics.jsonl")] if rc == 0 else []
             else:
                 timings = work / f"st-{rnd}.json"
@@ -75,15 +80,21 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
     print(f"\nours: train_mnr.py {args.ours_extra or '(defaults)'}; theirs: SentenceTransformerTrainer "
           f"{' '.join(st_extra) or '(fp32)'}")
-    print("| round | ours pairs/s | ST pairs/s | ours / ST | ours peak RSS MiB | ST peak RSS MiB |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    mine = [t for t in args.trainers.split(",") if t != "st"]
+    print("| round | " + " | ".join(f"{t} pairs/s" for t in mine) + " | ST pairs/s | "
+          + " | ".join(f"{t} / ST" for t in mine) + " | " + " | ".join(f"{t} peak RSS MiB" for t in mine)
+          + " | ST peak RSS MiB |")
+    print("|---:|" + "---:|" * (3 * len(mine) + 2))
     for r in runs:
-        o, s = r["ours"], r["st"]
-        print(f"| {r['round']} | {o['pairs_per_s']:.1f} | {s['pairs_per_s']:.1f} | {o['pairs_per_s'] / s['pairs_per_s']:.2f}x "
-              f"| {o['peak_rss_mib']:.0f} | {s['peak_rss_mib']:.0f} |")
-    ratios = [r["ours"]["pairs_per_s"] / r["st"]["pairs_per_s"] for r in runs]
-    print(f"| median | {statistics.median(r['ours']['pairs_per_s'] for r in runs):.1f} | "
-          f"{statistics.median(r['st']['pairs_per_s'] for r in runs):.1f} | {statistics.median(ratios):.2f}x | | |")
+        s = r["st"]
+        print(f"| {r['round']} | " + " | ".join(f"{r[t]['pairs_per_s']:.1f}" for t in mine)
+              + f" | {s['pairs_per_s']:.1f} | "
+              + " | ".join(f"{r[t]['pairs_per_s'] / s['pairs_per_s']:.2f}x" for t in mine) + " | "
+              + " | ".join(f"{r[t]['peak_rss_mib']:.0f}" for t in mine) + f" | {s['peak_rss_mib']:.0f} |")
+    med = {t: statistics.median(r[t]["pairs_per_s"] for r in runs) for t in mine + ["st"]}
+    ratios = {t: statistics.median(r[t]["pairs_per_s"] / r["st"]["pairs_per_s"] for r in runs) for t in mine}
+    print("| median | " + " | ".join(f"{med[t]:.1f}" for t in mine) + f" | {med['st']:.1f} | "
+          + " | ".join(f"{ratios[t]:.2f}x" for t in mine) + " |" + " |" * (len(mine) + 1))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (HF Trainer's --bf16)")
+    p.add_argument("--cached-mini-batch-size", type=int, default=0,
+                   help="CachedMultipleNegativesRankingLoss with this mini-batch (0: MultipleNegativesRankingLoss)")
     p.add_argument("--timings", default="", help="write per-step seconds as JSON here")
     p.add_argument("--save", action="store_true", help="save the trained model to --output-dir")
     args = p.parse_args()
@@ -36,7 +38,8 @@ def main() -> None:
     import datasets
     import torch
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
+                                                                   MultipleNegativesRankingLoss)
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
     from transformers import TrainerCallback
 
@@ -47,7 +50,8 @@ def main() -> None:
 
     model = SentenceTransformer(args.model, device="cuda" if torch.cuda.is_available() else "cpu")
     model.max_seq_length = args.max_seq_length
-    loss = MultipleNegativesRankingLoss(model, scale=args.scale)
+    loss = (CachedMultipleNegativesRankingLoss(model, scale=args.scale, mini_batch_size=args.cached_mini_batch_size)
+            if args.cached_mini_batch_size else MultipleNegativesRankingLoss(model, scale=args.scale))
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
