@@ -279,8 +279,7 @@ def setup(cfg: TrainConfig) -> Trainer:
     accelerator, report_to = make_accelerator(cfg)
     setup_logging(distributed.is_main())
     model_path, train_spec = resolve_model_path(cfg.model), cfg.train_data or str(EMBEDDED_TRAIN)
-    check_sources(split_specs(train_spec))  # before the output dir, the model and the token store
-    check_sources(cfg.eval_data.split(","), folders=True)
+    _check_data(cfg, train_spec)
     # hashed once, by the main process (the data files are read whole), and shared with the others
     objective = objective_from_config(cfg)
     identity = distributed.run_on_main(lambda: run_identity(cfg, accelerator.num_processes, model_path, train_spec,
@@ -298,8 +297,7 @@ def setup(cfg: TrainConfig) -> Trainer:
     # an epoch without a single duplicate-free global batch is the sampler's error (it never yields zero steps)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else sampler.total_steps(cfg.epochs)
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-    cannot_move = schedule_warning(total_steps, warmup_steps)
-    if cannot_move:
+    if cannot_move := schedule_warning(total_steps, warmup_steps):
         logger.warning("%s", cannot_move)
     optimizer = torch.optim.AdamW(param_groups(encoder, cfg.weight_decay), lr=cfg.lr)
     # Not passed to prepare(): Accelerate would step it once per process; we count global steps ourselves.
@@ -334,6 +332,19 @@ def setup(cfg: TrainConfig) -> Trainer:
     t.summary = {"output_dir": str(out), "total_steps": total_steps, "examples": examples,
                  "global_batch_size": t.global_batch, "negatives_per_anchor": t.negatives_per_anchor}
     return t
+
+
+def _check_data(cfg: TrainConfig, train_spec: str) -> None:
+    """A missing data file is named before the output dir, the model and the token store are touched; when the
+    output dir holds a run of it, the way back is to put the file where that run had it."""
+    try:
+        check_sources(split_specs(train_spec))
+        check_sources(cfg.eval_data.split(","), folders=True)
+    except DataError as err:
+        if str(err).endswith(": no such file") and (Path(cfg.output_dir) / "mnr_run.json").is_file():
+            raise DataError(f"{err} (moved or deleted?); output_dir={cfg.output_dir!r} holds a run of it: put the "
+                            f"file back to resume that run") from None
+        raise
 
 
 def _setup_model(cfg: TrainConfig, model_path: str) -> Backbone:

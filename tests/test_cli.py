@@ -132,10 +132,10 @@ def test_mine_defaults_to_the_models_saved_prompts_and_pooling_and_prompt_is_a_d
     seen, poolings = [], []
     real = mnr.evaluate.encode_sharded
 
-    def spy(encoder, tokenizer, texts, *args):
+    def spy(backbone, texts, *args):
         seen.extend(texts)
-        poolings.append(encoder.pipeline.pooling)
-        return real(encoder, tokenizer, texts, *args)
+        poolings.append(backbone.pipeline.pooling)
+        return real(backbone, texts, *args)
 
     monkeypatch.setattr(mnr.evaluate, "encode_sharded", spy)
     common = [str(pairs), "--model", str(model), "--output", str(tmp_path / "m.tsv"), "--num-negatives", "1"]

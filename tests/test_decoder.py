@@ -211,9 +211,11 @@ def test_accelerate_bf16_autocasts_the_forward_only(decoders):
     """With mixed_precision bf16 Accelerate autocasts the prepared model's forward: its linear layers run in bf16,
     the pooled embeddings come out float32, and a loss computed outside the forward is float32."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from mnr.model import Encoder, Pipeline
 
+    AcceleratorState._reset_state(True)  # an Accelerator of an earlier test in this process fixed its precision
     tokenizer, transformer = load(decoders["qwen2"])
     encoder = Accelerator(mixed_precision="bf16", cpu=True).prepare(Encoder(transformer, pipeline=Pipeline("lasttoken")))
     states = []
@@ -221,6 +223,7 @@ def test_accelerate_bf16_autocasts_the_forward_only(decoders):
     enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
     embeddings = encoder(enc["input_ids"], enc["attention_mask"])
     hook.remove()
+    AcceleratorState._reset_state(True)  # later tests' Accelerators choose their own precision
     assert states == [torch.bfloat16] and embeddings.dtype == torch.float32
     assert mnr_loss(embeddings[:2], embeddings[2:]).dtype == torch.float32
 
