@@ -37,3 +37,13 @@ def test_collectives_only_in_distributed_py_and_sharding_py():
     found = [f"{p.name}:{i}" for p in MNR if p.name not in COLLECTIVE_HOMES
              for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
     assert not found, found
+
+
+def test_no_module_imports_another_modules_private_name():
+    found = []
+    for path in sorted((REPO / "mnr").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mnr"):
+                found += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, found
