@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mnr import distributed
 from mnr.config import TrainConfig
+from mnr.sharding import fsdp_launch_problem
 
 
 class LaunchError(RuntimeError):
@@ -17,6 +18,9 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    problem = fsdp_launch_problem()  # before Accelerate turns a GPU-less FSDP launch into N independent runs
+    if problem:
+        raise LaunchError(problem)
     report_to = resolve_tracker(cfg.report_to)
     accelerator = Accelerator(log_with=None if report_to == "none" else report_to, project_dir=cfg.output_dir,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False),
@@ -68,30 +72,38 @@ def _launched_without_device() -> bool:
 def check_backend(accelerator, cfg: TrainConfig) -> None:
     """Refuse, before any work, what would silently train wrong under FSDP or DeepSpeed.
 
-    - GradCache runs several forwards/backwards per step; DeepSpeed steps the optimizer inside every
-      accelerator.backward and FSDP has no equivalent of DDP's no_sync here.
-    - FSDP and ZeRO-3 shard the parameters, but the model export (main process: the final model, best/ and each
-      checkpoint's model files) and the non-finite weight check (every process, expected to agree) read the
-      local parameters as whole; no sharded checkpoint is written. (The all-gather of negatives is unaffected:
-      it gathers activations, not parameters.)
-    - DeepSpeed applies the optimizer step inside accelerator.backward, before the non-finite check.
+    - FSDP: version 2 only; mnr shards the model itself as Accelerate's FSDP2 plugin does (mnr.sharding), with
+      a collective export, sharded checkpoints and GradCache (a reduce-scatter per chunk). Parameter offload
+      is not proven and is refused.
+    - DeepSpeed steps the optimizer inside every accelerator.backward: GradCache's several backwards per step
+      and --skip-nonfinite (the check comes after backward) would train wrong.
+    - ZeRO-3 shards the parameters, and the export and non-finite weight check read them whole on each
+      process: refused, pointing to FSDP2. (The all-gather of negatives gathers activations, not parameters.)
     """
     kind = str(accelerator.distributed_type)
-    if cfg.mini_batch_size and ("DEEPSPEED" in kind or "FSDP" in kind):
-        raise LaunchError(f"--mini-batch-size (GradCache) is not supported under {kind}: its several forwards "
-                          f"per step need DDP's no_sync; use multi-GPU DDP or drop --mini-batch-size")
     if "FSDP" in kind:
-        raise LaunchError(f"distributed_type={kind} is not supported: FSDP shards the parameters, and the model "
-                          f"export and non-finite weight check read them whole on each process; use DDP "
-                          f"(accelerate_configs/multi_gpu.yaml) or DeepSpeed ZeRO-2 "
-                          f"(accelerate_configs/deepspeed_zero2.yaml)")
+        plugin = accelerator.state.fsdp_plugin
+        version = getattr(plugin, "fsdp_version", 1)
+        if version != 2:
+            raise LaunchError(f"fsdp_version={version} is not supported: mnr shards with FSDP2; set "
+                              f"fsdp_version: 2 in the fsdp_config (accelerate_configs/fsdp.yaml)")
+        if type(getattr(plugin, "cpu_offload", None)).__name__ == "CPUOffloadPolicy":
+            raise LaunchError("fsdp_offload_params=true is not supported: parameter offload is not proven with "
+                              "mnr's sharded step; set fsdp_offload_params: false")
+        if getattr(plugin, "activation_checkpointing", False):
+            raise LaunchError("fsdp_activation_checkpointing=true is not read by mnr: set it to false and pass "
+                              "--gradient-checkpointing (each layer recomputed in the backward)")
+    if cfg.mini_batch_size and "DEEPSPEED" in kind:
+        raise LaunchError(f"--mini-batch-size (GradCache) is not supported under {kind}: DeepSpeed steps the "
+                          f"optimizer inside each of its several backwards per step; use multi-GPU DDP or FSDP2 "
+                          f"(accelerate_configs/fsdp.yaml), or drop --mini-batch-size")
     if "DEEPSPEED" in kind:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         stage = ds.get("zero_optimization", {}).get("stage", 0)
         if stage not in (0, 1, 2):
             raise LaunchError(f"DeepSpeed zero_stage={stage} is not supported: ZeRO-3 shards the parameters, and the "
                               f"model export and non-finite weight check read them whole on each process; "
-                              f"use zero_stage 1 or 2")
+                              f"to shard the parameters use FSDP2 (accelerate_configs/fsdp.yaml), else zero_stage 1 or 2")
         if cfg.skip_nonfinite:
             raise LaunchError("--skip-nonfinite is not supported under DeepSpeed: DeepSpeed applies the "
                               "optimizer step inside backward, before mnr can check the loss")

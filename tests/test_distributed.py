@@ -175,28 +175,61 @@ def test_launch_configs_parse_with_accelerate():
     assert load_config_from_file(str(REPO / "accelerate_configs" / "multi_node.yaml")).num_machines == 2
 
 
-def _fake_accelerator(kind: str, zero_stage: int = 2):
+def _fake_accelerator(kind: str, zero_stage: int = 2, fsdp_version: int = 2, offload: bool = False,
+                      checkpointing: bool = False):
     from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
 
     ds = {"zero_optimization": {"stage": zero_stage}, "train_micro_batch_size_per_gpu": "auto",
           "gradient_clipping": "auto"}
+    fsdp = FullyShardedDataParallelPlugin(fsdp_version=fsdp_version, cpu_offload=offload,
+                                          activation_checkpointing=checkpointing) if kind == "FSDP" else None
     return SimpleNamespace(distributed_type=f"DistributedType.{kind}",
-                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
+                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds),
+                                                 fsdp_plugin=fsdp))
 
 
 @pytest.mark.parametrize("kind,zero_stage,flags,message", [
-    ("FSDP", 2, [], "FSDP shards the parameters"),
-    ("FSDP", 2, ["--mini-batch-size", "2"], "GradCache"),
+    ("FSDP1", 2, [], "fsdp_version=1 is not supported: mnr shards with FSDP2; set fsdp_version: 2"),
+    ("FSDP_OFFLOAD", 2, [], "fsdp_offload_params=true is not supported"),
+    ("FSDP_AC", 2, [], "fsdp_activation_checkpointing=true is not read by mnr.*--gradient-checkpointing"),
     ("DEEPSPEED", 2, ["--mini-batch-size", "2"], "GradCache"),
-    ("DEEPSPEED", 3, [], "ZeRO-3"),
+    ("DEEPSPEED", 3, [], r"ZeRO-3 shards the parameters.*use FSDP2 \(accelerate_configs/fsdp.yaml\)"),
     ("DEEPSPEED", 2, ["--skip-nonfinite"], "skip-nonfinite"),
 ])
 def test_fsdp_and_deepspeed_fail_clearly_where_they_would_train_wrong(kind, zero_stage, flags, message):
     from mnr.config import parse_config
     from mnr.launch import LaunchError as TrainingError, check_backend as _check_backend
 
+    accelerator = _fake_accelerator(kind[:4] if kind.startswith("FSDP") else kind, zero_stage,
+                                    fsdp_version=1 if kind == "FSDP1" else 2, offload=kind == "FSDP_OFFLOAD",
+                                    checkpointing=kind == "FSDP_AC")
     with pytest.raises(TrainingError, match=message):
-        _check_backend(_fake_accelerator(kind, zero_stage), parse_config(["--batch-size", "8", *flags]))
+        _check_backend(accelerator, parse_config(["--batch-size", "8", *flags]))
+
+
+@pytest.mark.parametrize("flags", [[], ["--mini-batch-size", "2"], ["--skip-nonfinite"]])
+def test_fsdp2_is_accepted_with_gradcache(flags):
+    from mnr.config import parse_config
+    from mnr.launch import check_backend
+
+    check_backend(_fake_accelerator("FSDP"), parse_config(["--batch-size", "8", *flags]))
+
+
+def test_fsdp_launch_on_a_machine_without_gpu_gets_one_clear_line_not_independent_runs(tmp_path, tiny):
+    """accelerate_configs/fsdp.yaml on this CPU: Accelerate would start 2 processes of world size 1 each."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/fsdp.yaml",
+           "--num_processes", "2", "--main_process_port", str(free_port()), "train_mnr.py", "--model", str(tiny),
+           "--output-dir", str(tmp_path / "out"), *TRAIN_ARGS]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "FSDP was requested" in errors[0] and "2 launched processes would train 2 separate models" in errors[0]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 def test_deepspeed_takes_batch_size_and_clipping_from_the_flags():
