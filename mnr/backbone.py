@@ -417,9 +417,15 @@ class Backbone:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Collective (every process calls it): the export's full weights, the transformer's and the base's
-        pooler head's, the same on every process.  Parameters are whole on every process today (DDP: the
-        prepared model shares the encoder's); a sharded model gathers them here."""
-        return {**self.encoder.transformer.state_dict(), **self.encoder.unused_weights}
+        pooler head's.  Whole parameters (DDP: the prepared model shares the encoder's): the same on every
+        process; a sharded encoder (mnr.sharding) gathers them onto the main process's CPU ({} elsewhere)."""
+        from mnr import sharding
+
+        if not sharding.is_sharded(self.encoder):
+            return {**self.encoder.transformer.state_dict(), **self.encoder.unused_weights}
+        full = sharding.full_state_dict(self.encoder)
+        own = {k.removeprefix("transformer."): v for k, v in full.items() if k.startswith("transformer.")}
+        return {**own, **self.encoder.unused_weights} if full else {}
 
     def export(self, path: str | os.PathLike, max_seq_length: int | None = None, card: dict | None = None,
                then: Callable[[Path], None] | None = None, stage: Callable | None = None) -> None:

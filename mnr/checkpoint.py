@@ -2,7 +2,9 @@
 
 Layout of `<output_dir>/checkpoint-<step>/`:
     model files (safetensors, config, tokenizer, sentence-transformers files) -- loadable as a model
-    training_state/    Accelerate's save_state: model, optimizer, scheduler, scaler, RNG of every process
+    training_state/    Accelerate's save_state: model, optimizer, scheduler, scaler, RNG of every process;
+                       a sharded model (FSDP2): RNG only, model + optimizer in training_state/sharded/ (each
+                       process's shard, mnr.sharding.save_sharded)
     trainer_state.json position (epoch, step in epoch, global step), run identity, best score, and the size of
                        every other file of the checkpoint; written last
 A checkpoint is written as `checkpoint-<step>.tmp` and renamed when complete, so a crash mid-save leaves
@@ -24,11 +26,13 @@ from typing import Callable
 
 from mnr import distributed
 from mnr.atomic import fsync_tree, is_write_failure, replace, write_error
+from mnr.sharding import load_sharded, save_sharded
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 STATE_DIR = "training_state"
+SHARDED_DIR = "sharded"  # inside STATE_DIR: model + optimizer of a sharded run
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -210,9 +214,10 @@ def newest_intact_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, Train
 
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: TrainState,
-                    export_model: Callable[[Path], None], save_total_limit: int = 0) -> Path:
+                    export_model: Callable[[Path], None], save_total_limit: int = 0, sharded=None) -> Path:
     """Every process calls this (Accelerate saves each process's RNG state), and `export_model(dir)` runs on every
-    process (a collective export). Returns the final path.
+    process (a collective export). Returns the final path. sharded: (model, optimizer) of a sharded run, not
+    registered with Accelerate: every process saves its shard into STATE_DIR/SHARDED_DIR.
     A failure to write (a full disk ...) removes the partial `checkpoint-<step>.tmp` and raises one
     CheckpointError naming the checkpoint, on every process; any other exception removes it too."""
     out = Path(output_dir)
@@ -236,6 +241,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
         try:
             if error is None:
                 accelerator.save_state(str(tmp / STATE_DIR), safe_serialization=True)
+                if sharded is not None:
+                    save_sharded(*sharded, tmp / STATE_DIR / SHARDED_DIR)
         except Exception as err:
             if not is_write_failure(err):
                 raise
@@ -281,10 +288,13 @@ def rotated_out(checkpoints: list[Path], step: int, keep: int) -> list[Path]:
     return order[: max(0, len(checkpoints) - keep)]
 
 
-def load_checkpoint(accelerator, checkpoint: str | os.PathLike) -> None:
-    """Restore model, optimizer, scaler and RNG states (tensors loaded with weights_only=True)."""
+def load_checkpoint(accelerator, checkpoint: str | os.PathLike, sharded=None) -> None:
+    """Restore model, optimizer, scaler and RNG states (tensors loaded with weights_only=True); sharded:
+    (model, optimizer) of a sharded run, from STATE_DIR/SHARDED_DIR (collective)."""
     try:
         accelerator.load_state(str(Path(checkpoint) / STATE_DIR), load_kwargs={"weights_only": True})
+        if sharded is not None:
+            load_sharded(*sharded, Path(checkpoint) / STATE_DIR / SHARDED_DIR)
     except Exception as err:  # a damaged file that kept its size (older checkpoints list no sizes)
         raise CheckpointError(f"resume={str(checkpoint)!r}: cannot load {STATE_DIR}/ "
                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnr import distributed
+from mnr import distributed, sharding
 from mnr.batching import Collator, GlobalBatchSampler, make_loader
 from mnr.atomic import atomic_dir, staged_into
 from mnr.card import EMBEDDED_TRAIN_DATA
@@ -57,7 +57,7 @@ class Trainer:
 
     cfg: TrainConfig
     accelerator: Any
-    model: torch.nn.Module  # prepared by Accelerate (DDP-wrapped under several processes)
+    model: torch.nn.Module  # prepared by Accelerate (DDP-wrapped under several processes), or sharded (FSDP2)
     backbone: Backbone  # the model's owner: tokenisation policy, pooling, collective export
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR  # stepped per global step by us, not by Accelerate
@@ -80,6 +80,7 @@ class Trainer:
     lr: float = 0.0  # the rate the last optimizer step used (logged)
     eval_info: str = ""  # the last evaluation's main metrics, shown on the progress line
     summary: dict = field(default_factory=dict)
+    sharded: bool = False  # the model is sharded by mnr.sharding (FSDP2), not prepared by Accelerate
 
     @property
     def world(self) -> int:
@@ -157,7 +158,8 @@ def train(t: Trainer) -> bool:
         for batch in make_loader(t.sampler, t.collator, st.epoch, st.step_in_epoch):
             # forward and backward
             loss = train_step(t, batch)
-            grad_norm = t.accelerator.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm or float("inf"))
+            clip = sharding.clip_grad_norm_ if t.sharded else t.accelerator.clip_grad_norm_
+            grad_norm = clip(t.model.parameters(), cfg.max_grad_norm or float("inf"))
             # check: a non-finite loss or gradient, or a stop signal, on any process (all agree)
             bad_step, stop_now = _check_step(loss, grad_norm, t.stop.signum)
             # step
@@ -208,7 +210,7 @@ def train_step(t: Trainer, batch: dict) -> torch.Tensor:
 
     if t.cfg.mini_batch_size:  # GradCache: chunks of mini_batch_size rows, the gradient of the whole batch
         return cached_loss_and_backward(t.model, input_ids, attention_mask, t.cfg.mini_batch_size, loss_of,
-                                        t.accelerator.backward, t.accelerator.no_sync)
+                                        t.accelerator.backward, None if t.sharded else t.accelerator.no_sync)
     loss = loss_of(t.model(input_ids, attention_mask))  # one forward over all roles
     t.accelerator.backward(loss)
     return loss
@@ -221,7 +223,7 @@ def finish(t: Trainer) -> dict:
     if _stop_agreed(t):
         _report_stop(t, _final_checkpoint(t), "during the final evaluation")
         return t.summary
-    bad = nonfinite_weights(t.accelerator.unwrap_model(t.model))  # the same on every process
+    bad = _nonfinite(t)
     if bad:
         raise TrainingError(f"not exported: {len(bad)} weight tensors hold NaN or inf after step {t.state.global_step} "
                             f"(first: {bad[0]}); start again with a lower --lr")
@@ -299,13 +301,15 @@ def setup(cfg: TrainConfig) -> Trainer:
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     if cannot_move := schedule_warning(total_steps, warmup_steps):
         logger.warning("%s", cannot_move)
+    sharded = _shard(accelerator, encoder)  # before the optimizer: it holds the sharded parameters
     optimizer = torch.optim.AdamW(param_groups(encoder, cfg.weight_decay), lr=cfg.lr)
     # Not passed to prepare(): Accelerate would step it once per process; we count global steps ourselves.
     # Its state goes into trainer_state.json, not register_for_checkpointing: Accelerate unpickles custom
     # objects with weights_only=False, and resume state must load with weights_only=True.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_schedule(total_steps, warmup_steps))
-    model, optimizer = accelerator.prepare(encoder, optimizer)
+    # sharded: neither goes through prepare() (it would shard again, or wrap in DDP); checkpoints save both
+    model, optimizer = (encoder, optimizer) if sharded else accelerator.prepare(encoder, optimizer)
     backbone.attach(model)
     if distributed.is_main() and report_to != "none":
         accelerator.init_trackers("mnr", config={k: v for k, v in cfg.to_dict().items() if v is not None})
@@ -316,7 +320,7 @@ def setup(cfg: TrainConfig) -> Trainer:
                 metrics=MetricsLog(accelerator, out / "metrics.jsonl"), state=TrainState(run_identity=identity),
                 out=out, total_steps=total_steps, examples=examples, data_stats=data_stats, k=k,
                 gather=cfg.gather_negatives if cfg.gather_negatives is not None else world > 1,
-                objective=objective)
+                objective=objective, sharded=sharded)
     if resume_from is not None:
         t.state = _resume(t, *resume_from)
     t.metrics.truncate_after(t.state.global_step if resume_from else -1)  # records a resume redoes, or all
@@ -345,6 +349,27 @@ def _check_data(cfg: TrainConfig, train_spec: str) -> None:
             raise DataError(f"{err} (moved or deleted?); output_dir={cfg.output_dir!r} holds a run of it: put the "
                             f"file back to resume that run") from None
         raise
+
+
+def _shard(accelerator, encoder: torch.nn.Module) -> bool:
+    """Shard the encoder in place as Accelerate's FSDP2 plugin would (mnr.sharding), under an FSDP launch, or on
+    the CPU under a multi-process launch with MNR_FSDP_CPU=1; whether it did."""
+    fsdp = "FSDP" in str(accelerator.distributed_type)
+    if not fsdp and not (sharding.cpu_sharding_requested() and accelerator.num_processes > 1):
+        return False
+    encoder.to(accelerator.device)
+    policy = sharding.mixed_precision_policy(accelerator.mixed_precision)
+    sharding.shard_model(encoder, **sharding.plan_from_env(), mp_policy=policy)
+    logger.info("model sharded over %d processes (FSDP2, one unit per %s)", accelerator.num_processes,
+                "/".join(sharding.layer_class_names(encoder)) or "model")
+    return True
+
+
+def _nonfinite(t: Trainer) -> list[str]:
+    """Names of the parameters holding NaN or inf, the same on every process (sharded: collective)."""
+    if t.sharded:
+        return sharding.nonfinite_parameters(t.model)
+    return nonfinite_weights(t.accelerator.unwrap_model(t.model))
 
 
 def _setup_model(cfg: TrainConfig, model_path: str) -> Backbone:
@@ -510,7 +535,7 @@ def _find_resume(cfg: TrainConfig, out: Path) -> tuple[Path, TrainState] | None:
 def _resume(t: Trainer, checkpoint: Path, state: TrainState) -> TrainState:
     """The checkpoint's state, after checking it belongs to this run (see run_identity)."""
     state.check_same_run(t.state.run_identity, checkpoint)
-    load_checkpoint(t.accelerator, checkpoint)
+    load_checkpoint(t.accelerator, checkpoint, (t.model, t.optimizer) if t.sharded else None)
     t.scheduler.load_state_dict({**state.scheduler, "lr_lambdas": [None] * len(t.scheduler.lr_lambdas)})
     logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.global_step, state.epoch,
                 state.step_in_epoch)
@@ -541,7 +566,7 @@ def _skip_step(t: Trainer, batch: dict) -> None:
                             f"{batch['example_indices'].tolist()}; pass --skip-nonfinite to skip such steps")
     logger.warning("skipping %s: non-finite loss or gradient (examples %s); %d skipped so far", where,
                    batch["example_indices"].tolist(), st.skipped_steps)
-    bad = nonfinite_weights(t.accelerator.unwrap_model(t.model))  # the same on every process
+    bad = _nonfinite(t)
     if bad:
         raise TrainingError(f"the weights hold NaN or inf at {where} ({len(bad)} tensors, first: {bad[0]}); "
                             f"skipping steps cannot recover: start again with a lower --lr")
@@ -664,7 +689,7 @@ def save(t: Trainer) -> Path:
     t.state.scheduler = {k: v for k, v in t.scheduler.state_dict().items() if k != "lr_lambdas"}
     path = save_checkpoint(t.accelerator, t.out, t.state.global_step, t.state,
                            lambda tmp: export(t, tmp.with_name(tmp.name.removesuffix(".tmp")), into=tmp),
-                           t.cfg.save_total_limit)
+                           t.cfg.save_total_limit, (t.model, t.optimizer) if t.sharded else None)
     logger.info("saved checkpoint %s", path)
     return path
 

@@ -29,9 +29,10 @@ TRAIN_ARGS = ["--lr", "1e-3", "--max-steps", "3", "--warmup-ratio", "0", "--weig
               "--log-steps", "1"]  # max_grad_norm stays 1.0: the gradient norm is ~2-9 here, so clipping is active
 
 
-def launch(launcher_args: list[str], script_and_args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+def launch(launcher_args: list[str], script_and_args: list[str], tmp: Path, **extra_env: str
+           ) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", MNR_CACHE=str(tmp / "token-cache"))
+               OMP_NUM_THREADS="1", MNR_CACHE=str(tmp / "token-cache"), **extra_env)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--main_process_port",
            str(free_port()), *script_and_args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -242,6 +243,68 @@ def test_deepspeed_takes_batch_size_and_clipping_from_the_flags():
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_clipping"], ds["gradient_accumulation_steps"]) == \
         (8, 0.5, 1)
     _check_backend(_fake_accelerator("MULTI_GPU"), parse_config(["--mini-batch-size", "2"]))  # DDP: all allowed
+
+
+# ---- FSDP2 through train_mnr.py: the CPU proof of the production path (MNR_FSDP_CPU=1) ------------------
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory, tiny) -> dict[str, Path]:
+    """1 process x 8 (unsharded), and train_mnr.py sharded over 2 gloo processes x 4 (the cpu_2proc config with
+    MNR_FSDP_CPU=1): plain with checkpoints every 2 steps, GradCache (chunks of 3), and a resume of the plain
+    run's sharded checkpoint-2 in new processes."""
+    from mnr.train import main
+
+    tmp = tmp_path_factory.mktemp("fsdp-runs")
+    data = write_tsv(tmp / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows())
+    common = ["--model", str(tiny), "--train-data", str(data), "--cache-dir", str(tmp / "token-cache"), *TRAIN_ARGS]
+    out = {name: tmp / name for name in ("single", "sharded", "sharded_gradcache", "sharded_resumed")}
+    assert main([*common, "--batch-size", str(2 * LOCAL_BATCH), "--output-dir", str(out["single"])]) == 0
+    per_process = [*common, "--batch-size", str(LOCAL_BATCH)]
+    config = ["--config_file", "accelerate_configs/cpu_2proc.yaml"]
+    out["log"] = launch(config, ["train_mnr.py", *per_process, "--save-steps", "2", "--output-dir",
+                                 str(out["sharded"])], tmp, MNR_FSDP_CPU="1").stderr
+    launch(config, ["train_mnr.py", *per_process, "--mini-batch-size", "3", "--output-dir",
+                    str(out["sharded_gradcache"])], tmp, MNR_FSDP_CPU="1")
+    launch(config, ["train_mnr.py", *per_process, "--resume", str(out["sharded"] / "checkpoint-2"), "--output-dir",
+                    str(out["sharded_resumed"])], tmp, MNR_FSDP_CPU="1")
+    return out
+
+
+@pytest.mark.parametrize("run", ["sharded", "sharded_gradcache", "sharded_resumed"])
+def test_fsdp_train_mnr_two_sharded_processes_batch_b_train_like_one_process_batch_2b(fsdp_runs, run):
+    assert "model sharded over 2 processes (FSDP2, one unit per " in fsdp_runs["log"] and "BertLayer" in fsdp_runs["log"]
+    diff = max_abs_diff(load_weights(fsdp_runs[run]), load_weights(fsdp_runs["single"]))
+    print(f"max |w({run}, 2 proc x {LOCAL_BATCH}) - w(1 proc x {2 * LOCAL_BATCH})| = {diff:.3g}")
+    assert diff < 5e-5
+
+
+def test_fsdp_train_mnr_checkpoint_holds_each_process_shard(fsdp_runs):
+    from mnr.sharding import sharding_meta
+
+    sharded = fsdp_runs["sharded"] / "checkpoint-2" / "training_state" / "sharded"
+    assert sharding_meta(sharded)["world_size"] == 2
+    assert sorted(p.name for p in sharded.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    # the checkpoint's model files are whole, as the final export
+    assert max_abs_diff(load_weights(fsdp_runs["sharded"] / "checkpoint-2"),
+                        load_weights(fsdp_runs["single"])) > 0  # step 2, not the final weights
+    assert set(load_weights(fsdp_runs["sharded"] / "checkpoint-2")) == set(load_weights(fsdp_runs["single"]))
+
+
+def test_fsdp_train_mnr_export_loads_in_automodel_and_sentence_transformers(fsdp_runs):
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    path = fsdp_runs["sharded"]
+    model = AutoModel.from_pretrained(path)
+    reference = AutoModel.from_pretrained(fsdp_runs["single"])
+    assert max(float((a - b).abs().max()) for a, b in zip(model.state_dict().values(),
+                                                            reference.state_dict().values())) < 5e-5
+    texts = ["a dog runs", "the cat sleeps"]
+    sharded, single = (SentenceTransformer(str(p), device="cpu").encode(texts, convert_to_tensor=True)
+                       for p in (path, fsdp_runs["single"]))
+    assert torch.allclose(sharded, single, atol=1e-4)
 
 
 # ---- two machines: accelerate_configs/multi_node.yaml, proven on this CPU ---------------------------------
