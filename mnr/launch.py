@@ -74,7 +74,7 @@ def check_backend(accelerator, cfg: TrainConfig) -> None:
 
     - FSDP: version 2 only; mnr shards the model itself as Accelerate's FSDP2 plugin does (mnr.sharding), with
       a collective export, sharded checkpoints and GradCache (a reduce-scatter per chunk). Parameter offload
-      is not proven and is refused.
+      is not proven and is refused; fp16 too (its gradient scaler belongs to accelerator.prepare's optimizer).
     - DeepSpeed steps the optimizer inside every accelerator.backward: GradCache's several backwards per step
       and --skip-nonfinite (the check comes after backward) would train wrong.
     - ZeRO-3 shards the parameters, and the export and non-finite weight check read them whole on each
@@ -87,6 +87,9 @@ def check_backend(accelerator, cfg: TrainConfig) -> None:
         if version != 2:
             raise LaunchError(f"fsdp_version={version} is not supported: mnr shards with FSDP2; set "
                               f"fsdp_version: 2 in the fsdp_config (accelerate_configs/fsdp.yaml)")
+        precision = getattr(accelerator, "mixed_precision", "no")
+        if precision not in ("no", "bf16"):  # fp16: Accelerate's grad scaler would scale what mnr's step never unscales
+            raise LaunchError(f"mixed_precision={precision} is not supported under FSDP2: use bf16 (or no)")
         if type(getattr(plugin, "cpu_offload", None)).__name__ == "CPUOffloadPolicy":
             raise LaunchError("fsdp_offload_params=true is not supported: parameter offload is not proven with "
                               "mnr's sharded step; set fsdp_offload_params: false")

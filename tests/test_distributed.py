@@ -177,7 +177,7 @@ def test_launch_configs_parse_with_accelerate():
 
 
 def _fake_accelerator(kind: str, zero_stage: int = 2, fsdp_version: int = 2, offload: bool = False,
-                      checkpointing: bool = False):
+                      checkpointing: bool = False, mixed_precision: str = "bf16"):
     from types import SimpleNamespace
 
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -186,7 +186,7 @@ def _fake_accelerator(kind: str, zero_stage: int = 2, fsdp_version: int = 2, off
           "gradient_clipping": "auto"}
     fsdp = FullyShardedDataParallelPlugin(fsdp_version=fsdp_version, cpu_offload=offload,
                                           activation_checkpointing=checkpointing) if kind == "FSDP" else None
-    return SimpleNamespace(distributed_type=f"DistributedType.{kind}",
+    return SimpleNamespace(distributed_type=f"DistributedType.{kind}", mixed_precision=mixed_precision,
                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds),
                                                  fsdp_plugin=fsdp))
 
@@ -194,6 +194,7 @@ def _fake_accelerator(kind: str, zero_stage: int = 2, fsdp_version: int = 2, off
 @pytest.mark.parametrize("kind,zero_stage,flags,message", [
     ("FSDP1", 2, [], "fsdp_version=1 is not supported: mnr shards with FSDP2; set fsdp_version: 2"),
     ("FSDP_OFFLOAD", 2, [], "fsdp_offload_params=true is not supported"),
+    ("FSDP_FP16", 2, [], "mixed_precision=fp16 is not supported under FSDP2: use bf16"),
     ("FSDP_AC", 2, [], "fsdp_activation_checkpointing=true is not read by mnr.*--gradient-checkpointing"),
     ("DEEPSPEED", 2, ["--mini-batch-size", "2"], "GradCache"),
     ("DEEPSPEED", 3, [], r"ZeRO-3 shards the parameters.*use FSDP2 \(accelerate_configs/fsdp.yaml\)"),
@@ -205,7 +206,8 @@ def test_fsdp_and_deepspeed_fail_clearly_where_they_would_train_wrong(kind, zero
 
     accelerator = _fake_accelerator(kind[:4] if kind.startswith("FSDP") else kind, zero_stage,
                                     fsdp_version=1 if kind == "FSDP1" else 2, offload=kind == "FSDP_OFFLOAD",
-                                    checkpointing=kind == "FSDP_AC")
+                                    checkpointing=kind == "FSDP_AC",
+                                    mixed_precision="fp16" if kind == "FSDP_FP16" else "bf16")
     with pytest.raises(TrainingError, match=message):
         _check_backend(accelerator, parse_config(["--batch-size", "8", *flags]))
 
@@ -251,15 +253,19 @@ def test_deepspeed_takes_batch_size_and_clipping_from_the_flags():
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory, tiny) -> dict[str, Path]:
     """1 process x 8 (unsharded), and train_mnr.py sharded over 2 gloo processes x 4 (the cpu_2proc config with
-    MNR_FSDP_CPU=1): plain with checkpoints every 2 steps, GradCache (chunks of 3), and a resume of the plain
-    run's sharded checkpoint-2 in new processes."""
+    MNR_FSDP_CPU=1): plain with checkpoints every 2 steps, GradCache (chunks of 3), a resume of the plain
+    run's sharded checkpoint-2 in new processes, and Matryoshka (against 1 process x 8 with the same sizes)."""
     from mnr.train import main
 
     tmp = tmp_path_factory.mktemp("fsdp-runs")
     data = write_tsv(tmp / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows())
     common = ["--model", str(tiny), "--train-data", str(data), "--cache-dir", str(tmp / "token-cache"), *TRAIN_ARGS]
-    out = {name: tmp / name for name in ("single", "sharded", "sharded_gradcache", "sharded_resumed")}
+    out = {name: tmp / name for name in ("single", "sharded", "sharded_gradcache", "sharded_resumed",
+                                         "single_matryoshka", "sharded_matryoshka")}
+    matryoshka = ["--matryoshka-dims", "32,16,8"]
     assert main([*common, "--batch-size", str(2 * LOCAL_BATCH), "--output-dir", str(out["single"])]) == 0
+    assert main([*common, *matryoshka, "--batch-size", str(2 * LOCAL_BATCH), "--output-dir",
+                 str(out["single_matryoshka"])]) == 0
     per_process = [*common, "--batch-size", str(LOCAL_BATCH)]
     config = ["--config_file", "accelerate_configs/cpu_2proc.yaml"]
     out["log"] = launch(config, ["train_mnr.py", *per_process, "--save-steps", "2", "--output-dir",
@@ -268,13 +274,16 @@ def fsdp_runs(tmp_path_factory, tiny) -> dict[str, Path]:
                     str(out["sharded_gradcache"])], tmp, MNR_FSDP_CPU="1")
     launch(config, ["train_mnr.py", *per_process, "--resume", str(out["sharded"] / "checkpoint-2"), "--output-dir",
                     str(out["sharded_resumed"])], tmp, MNR_FSDP_CPU="1")
+    launch(config, ["train_mnr.py", *per_process, *matryoshka, "--output-dir", str(out["sharded_matryoshka"])], tmp,
+           MNR_FSDP_CPU="1")
     return out
 
 
-@pytest.mark.parametrize("run", ["sharded", "sharded_gradcache", "sharded_resumed"])
+@pytest.mark.parametrize("run", ["sharded", "sharded_gradcache", "sharded_resumed", "sharded_matryoshka"])
 def test_fsdp_train_mnr_two_sharded_processes_batch_b_train_like_one_process_batch_2b(fsdp_runs, run):
     assert "model sharded over 2 processes (FSDP2, one unit per " in fsdp_runs["log"] and "BertLayer" in fsdp_runs["log"]
-    diff = max_abs_diff(load_weights(fsdp_runs[run]), load_weights(fsdp_runs["single"]))
+    single = fsdp_runs["single_matryoshka" if run.endswith("matryoshka") else "single"]
+    diff = max_abs_diff(load_weights(fsdp_runs[run]), load_weights(single))
     print(f"max |w({run}, 2 proc x {LOCAL_BATCH}) - w(1 proc x {2 * LOCAL_BATCH})| = {diff:.3g}")
     assert diff < 5e-5
 

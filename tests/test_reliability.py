@@ -31,14 +31,15 @@ def train_file(tmp_path):
     return write_tsv(tmp_path / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows(40))
 
 
-def _launch(procs: int, script_args: list[str], timeout=240) -> subprocess.CompletedProcess:
+def _launch(procs: int, script_args: list[str], timeout=240, sharded: bool = False) -> subprocess.CompletedProcess:
     if procs == 1:
         cmd = [sys.executable] + script_args
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port())] + script_args
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout)
+    env = {**ENV, "MNR_FSDP_CPU": "1"} if sharded else ENV  # sharded: FSDP2 over the gloo processes
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
 
 
 def _records(out: Path) -> list[dict]:
@@ -51,25 +52,28 @@ def _records(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("procs", [1, 2])
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dropout, train_file, procs):
-    """Dropout on: the RNG streams of every process are restored too, not only weights and optimizer."""
+@pytest.mark.parametrize("procs, sharded", [(1, False), (2, False), (2, True)], ids=["1", "2", "2-fsdp"])
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dropout, train_file, procs, sharded):
+    """Dropout on: the RNG streams of every process are restored too, not only weights and optimizer (sharded:
+    from each process's shard)."""
     common = ["--max-steps", "7", "--save-steps", "2", "--log-steps", "1", "--cache-dir", str(tmp_path / "c")]
     ref = tmp_path / "ref"
-    done = _launch(procs, [WORKER, "none", "0", "0", "--"] + _args(tiny_model_dropout, train_file, ref, *common))
+    done = _launch(procs, [WORKER, "none", "0", "0", "--"] + _args(tiny_model_dropout, train_file, ref, *common),
+                   sharded=sharded)
     assert done.returncode == 0, done.stderr[-3000:]
 
     out = tmp_path / "run"
     killed = _launch(procs, [WORKER, "sigkill", "6", ",".join(map(str, range(procs))), "--"]
-                     + _args(tiny_model_dropout, train_file, out, *common))
+                     + _args(tiny_model_dropout, train_file, out, *common), sharded=sharded)
     assert killed.returncode != 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert not (out / "model.safetensors").exists()
 
     resumed = _launch(procs, [WORKER, "none", "0", "0", "--"]
-                      + _args(tiny_model_dropout, train_file, out, *common, "--resume", "auto"))
+                      + _args(tiny_model_dropout, train_file, out, *common, "--resume", "auto"), sharded=sharded)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "checkpoint-4" in resumed.stderr
+    assert (out / "checkpoint-4" / "training_state" / "sharded").is_dir() == sharded
     assert max_abs_diff(load_weights(ref), load_weights(out)) < 1e-5
     assert _records(out) == _records(ref)
 
