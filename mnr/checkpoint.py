@@ -215,11 +215,10 @@ def newest_intact_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, Train
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: TrainState,
                     export_model: Callable[[Path], None], save_total_limit: int = 0, sharded=None) -> Path:
-    """Every process calls this (Accelerate saves each process's RNG state), and `export_model(dir)` runs on every
-    process (a collective export). Returns the final path. sharded: (model, optimizer) of a sharded run, not
-    registered with Accelerate: every process saves its shard into STATE_DIR/SHARDED_DIR.
-    A failure to write (a full disk ...) removes the partial `checkpoint-<step>.tmp` and raises one
-    CheckpointError naming the checkpoint, on every process; any other exception removes it too."""
+    """Every process calls this (Accelerate saves its RNG state; `sharded`: a sharded run's (model, optimizer), its
+    shard into STATE_DIR/SHARDED_DIR) and `export_model(dir)` (a collective export). Returns the final path. A
+    failure to write (a full disk ...) removes the partial `checkpoint-<step>.tmp` and raises one CheckpointError
+    naming the checkpoint, on every process; any other exception removes it too."""
     out = Path(output_dir)
     final = out / f"checkpoint-{step}"
     tmp = out / f"checkpoint-{step}.tmp"

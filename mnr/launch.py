@@ -105,8 +105,8 @@ def check_backend(accelerator, cfg: TrainConfig) -> None:
         stage = ds.get("zero_optimization", {}).get("stage", 0)
         if stage not in (0, 1, 2):
             raise LaunchError(f"DeepSpeed zero_stage={stage} is not supported: ZeRO-3 shards the parameters, and the "
-                              f"model export and non-finite weight check read them whole on each process; "
-                              f"to shard the parameters use FSDP2 (accelerate_configs/fsdp.yaml), else zero_stage 1 or 2")
+                              f"model export and non-finite weight check read them whole on each process; to "
+                              f"shard the parameters use FSDP2 (accelerate_configs/fsdp.yaml), else zero_stage 1 or 2")
         if cfg.skip_nonfinite:
             raise LaunchError("--skip-nonfinite is not supported under DeepSpeed: DeepSpeed applies the "
                               "optimizer step inside backward, before mnr can check the loss")

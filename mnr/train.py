@@ -301,15 +301,7 @@ def setup(cfg: TrainConfig) -> Trainer:
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     if cannot_move := schedule_warning(total_steps, warmup_steps):
         logger.warning("%s", cannot_move)
-    sharded = _shard(accelerator, encoder)  # before the optimizer: it holds the sharded parameters
-    optimizer = torch.optim.AdamW(param_groups(encoder, cfg.weight_decay), lr=cfg.lr)
-    # Not passed to prepare(): Accelerate would step it once per process; we count global steps ourselves.
-    # Its state goes into trainer_state.json, not register_for_checkpointing: Accelerate unpickles custom
-    # objects with weights_only=False, and resume state must load with weights_only=True.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, linear_schedule(total_steps, warmup_steps))
-    # sharded: neither goes through prepare() (it would shard again, or wrap in DDP); checkpoints save both
-    model, optimizer = (encoder, optimizer) if sharded else accelerator.prepare(encoder, optimizer)
+    model, optimizer, scheduler, sharded = _model_and_optimizer(cfg, accelerator, encoder, total_steps, warmup_steps)
     backbone.attach(model)
     if distributed.is_main() and report_to != "none":
         accelerator.init_trackers("mnr", config={k: v for k, v in cfg.to_dict().items() if v is not None})
@@ -349,6 +341,21 @@ def _check_data(cfg: TrainConfig, train_spec: str) -> None:
             raise DataError(f"{err} (moved or deleted?); output_dir={cfg.output_dir!r} holds a run of it: put the "
                             f"file back to resume that run") from None
         raise
+
+
+def _model_and_optimizer(cfg: TrainConfig, accelerator, encoder: torch.nn.Module, total_steps: int,
+                         warmup_steps: int) -> tuple[torch.nn.Module, Any, torch.optim.lr_scheduler.LambdaLR, bool]:
+    """(model, optimizer, scheduler, sharded): the encoder sharded (FSDP2, `_shard`) or prepared by Accelerate
+    (DDP under several processes), and AdamW over its parameters (the sharded ones when sharded)."""
+    sharded = _shard(accelerator, encoder)  # before the optimizer: it holds the sharded parameters
+    optimizer = torch.optim.AdamW(param_groups(encoder, cfg.weight_decay), lr=cfg.lr)
+    # Not passed to prepare(): Accelerate would step it once per process; we count global steps ourselves.
+    # Its state goes into trainer_state.json, not register_for_checkpointing: Accelerate unpickles custom
+    # objects with weights_only=False, and resume state must load with weights_only=True.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_steps))
+    # sharded: neither goes through prepare() (it would shard again, or wrap in DDP); checkpoints save both
+    model, optimizer = (encoder, optimizer) if sharded else accelerator.prepare(encoder, optimizer)
+    return model, optimizer, scheduler, sharded
 
 
 def _shard(accelerator, encoder: torch.nn.Module) -> bool:
