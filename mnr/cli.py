@@ -44,6 +44,11 @@ def run(body: Callable[[], int], errors: tuple[type[BaseException], ...] = ()) -
             if debug():
                 raise
             message = f"error: {err}"
+        except KeyboardInterrupt:  # Ctrl-C: one line, the shell's exit code for SIGINT, no traceback
+            if debug():
+                raise
+            say("interrupted (Ctrl-C): stopped, nothing written")
+            return 130
         say(message)  # out of the except block: the traceback, and the objects its frames hold, are gone
         return 2
     finally:

@@ -385,12 +385,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def load_yaml(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
-        raise ConfigError(f"config={path!r} is invalid: no such file")
+        raise ConfigError(f"config={path!r} is invalid: " + ("a directory" if os.path.isdir(path) else "no such file"))
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config={path!r} is not a YAML text file (not UTF-8)") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config={path!r} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config={path!r} is not valid YAML{where}: {what}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config={path!r} must hold a mapping of keys to values, got {type(data).__name__}")
     out = {}

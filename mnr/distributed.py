@@ -89,7 +89,11 @@ def launched_world_size() -> int:
     """How many processes the launcher started (WORLD_SIZE; 1 under plain `python`), before any group exists."""
     import os
 
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={value!r} is not a whole number (the launcher sets it)") from None
 
 
 def launched_rank() -> int:
@@ -97,7 +101,10 @@ def launched_rank() -> int:
     who reports an error that stopped the run before (or after) the process group was set up."""
     import os
 
-    return int(os.environ.get("RANK", "0"))
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:  # reported by launched_world_size's check or the launcher; never a traceback here
+        return 0
 
 
 def run_on_main(fn, share: bool = False):

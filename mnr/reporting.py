@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from mnr import distributed
+from mnr.atomic import write_error
 
 
 def plural(n: int, word: str, many: str = "") -> str:
@@ -69,8 +70,11 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not distributed.is_main():
             return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(json_ready(record), allow_nan=False) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(json_ready(record), allow_nan=False) + "\n")
+        except OSError as err:  # a full disk: one line naming the file
+            raise write_error(self.path, err) from None
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.accelerator.trackers:
             self.accelerator.log(numbers, step=record.get("step"))
