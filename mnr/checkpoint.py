@@ -45,7 +45,7 @@ class CheckpointError(RuntimeError):
 # and eval files enter by content hash, so an edited file under the same name is a different run.
 MAY_CHANGE_ON_RESUME = ("log_steps", "eval_steps", "save_steps", "save_total_limit", "progress", "report_to",
                         "resume", "output_dir", "overwrite_output_dir", "cache_dir", "config", "skip_nonfinite",
-                        "eval_dims", "ddp_timeout")
+                        "eval_dims", "ddp_timeout", "save_adapter", "save_dtype")
 _FULL_HASH_LIMIT = 1 << 30  # weight files above 1 GiB: hash of the safetensors header + size + mtime instead
 
 

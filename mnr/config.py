@@ -82,6 +82,22 @@ class TrainConfig:
                              "mappings, e.g. '[{}, {\"query\": \"query: \", \"document\": \"passage: \"}]'; a key "
                              "left out takes --query-prompt / --document-prompt (used in training only: the saved "
                              "model and the evaluators take the global prompts)")
+    # LLM backbones and adapters
+    lora_r: int = _f(0, "LoRA (needs peft: pip install 'mnr[lora]'): train a rank-r adapter on the transformer, "
+                     "the base frozen; the export is the merged model (0: off, train every weight)")
+    lora_alpha: float = _f(32.0, "LoRA scaling: the update is alpha / r x B @ A")
+    lora_dropout: float = _f(0.0, "LoRA: dropout on the adapter's input, in [0, 1)")
+    lora_target_modules: str = _f("all-linear", "LoRA: comma-separated module names to adapt (q_proj,v_proj, ...) "
+                                  "or all-linear (every linear layer but the output)")
+    lora_adapter: str = _f("", "LoRA: start from the adapter saved in this directory (adapter_config.json; e.g. a "
+                           "run's <output_dir>/adapter) instead of a fresh one; its own r, alpha and modules apply")
+    save_adapter: bool = _f(False, "LoRA: also write the adapter alone to <output_dir>/adapter (loads with peft "
+                            "and sentence-transformers' load_adapter)")
+    gradient_checkpointing: bool = _f(False, "recompute each layer's activations in the backward (non-reentrant): "
+                                      "less memory, about a third more compute, the same gradient")
+    bidirectional: bool = _f(False, "decoders: attend without the causal mask (refused where the model cannot); "
+                             "saved in the export's config")
+    save_dtype: str = _f("", "dtype of the exported weights: float32 or bfloat16; empty = the base model's")
     # optimisation
     batch_size: int = _f(32, "examples per process per step (the global batch is this x number of processes)")
     epochs: int = _f(1, "passes over the training data")
@@ -180,6 +196,17 @@ class TrainConfig:
              "must be a directory (this is a file)")
         need(self.pooling in ("", "mean", "cls", "lasttoken"), "pooling", "allowed: mean, cls, lasttoken (or empty: "
              "the base model's own)")
+        need(self.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
+        need(0 < self.lora_alpha < math.inf, "lora_alpha", "must be a finite number > 0")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        need(bool(_items(self.lora_target_modules)), "lora_target_modules",
+             "comma-separated module names, or all-linear")
+        need(not self.lora_adapter or (Path(self.lora_adapter) / "adapter_config.json").is_file(), "lora_adapter",
+             "a directory holding an adapter (adapter_config.json)")
+        need(not self.save_adapter or bool(self.lora_r or self.lora_adapter), "save_adapter",
+             "needs an adapter to save: --lora-r R or --lora-adapter DIR")
+        need(self.save_dtype in ("", "float32", "bfloat16"), "save_dtype",
+             "allowed: float32, bfloat16 (or empty: the base model's)")
         need(self.report_to in ("auto", "none", "tensorboard", "wandb", "all"), "report_to",
              "allowed: auto, none, tensorboard, wandb, all")
         self.dims = parse_dims(self.matryoshka_dims, "matryoshka_dims")
@@ -334,6 +361,8 @@ HELP_GROUPS = {
              "max_seq_length", "cache_dir"],
     "model": ["model", "trust_remote_code", "pooling", "query_prompt", "document_prompt",
               "source_prompts"],
+    "LLM backbones and adapters": ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_adapter",
+                                   "save_adapter", "gradient_checkpointing", "bidirectional", "save_dtype"],
     "optimisation": ["batch_size", "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
                      "scale", "symmetric", "matryoshka_dims", "matryoshka_weights", "mini_batch_size", "length_buckets", "length_grouping", "seed",
                      "skip_nonfinite"],
@@ -348,8 +377,9 @@ KNOWN_ALIASES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_si
                  "num_train_epochs": "epochs", "model_name_or_path": "model", "model_name": "model",
                  "warmup": "warmup_ratio", "temperature": "scale", "max_length": "max_seq_length",
                  "train_file": "train_data", "eval_file": "eval_data", "logging_steps": "log_steps",
-                 "resume_from_checkpoint": "resume", "gradient_checkpointing": "mini_batch_size",
-                 "mini_batch": "mini_batch_size", "output": "output_dir", "data": "train_data"}
+                 "resume_from_checkpoint": "resume", "mini_batch": "mini_batch_size",
+                 "lora_rank": "lora_r", "torch_dtype": "save_dtype", "adapter": "lora_adapter",
+                 "output": "output_dir", "data": "train_data"}
 EXAMPLES = """examples:
   python train_mnr.py        # embedded default: offline MiniLM on the shipped SNLI sample (same as: mnr-train)
   python train_mnr.py --model bert-base-uncased --train-data snli,glue/mnli --no-hard-negatives

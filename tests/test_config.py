@@ -33,6 +33,13 @@ def test_yaml_then_flags_override(tmp_path):
     (["--max-seq-length", "2"], "max_seq_length", "2"),
     (["--mini-batch-size", "64"], "mini_batch_size", "64"),
     (["--pooling", "max"], "pooling", "'max'"),
+    (["--lora-r", "-1"], "lora_r", "-1"),
+    (["--lora-alpha", "0"], "lora_alpha", "0.0"),
+    (["--lora-dropout", "1"], "lora_dropout", "1.0"),
+    (["--lora-target-modules", " , "], "lora_target_modules", "' , '"),
+    (["--lora-adapter", "/no/such/adapter"], "lora_adapter", "'/no/such/adapter'"),
+    (["--save-adapter"], "save_adapter", "True"),  # no adapter to save
+    (["--save-dtype", "float16"], "save_dtype", "'float16'"),
 ])
 def test_bad_values_name_field_and_value(argv, field, value):
     with pytest.raises(ConfigError) as err:
@@ -88,6 +95,28 @@ def test_every_shipped_yaml_recipe_parses():
         assert cfg.model and cfg.train_data, path
     large = parse_config(["--config", str(REPO / "configs" / "gradcache_8gpu.yaml")])
     assert (large.batch_size, large.mini_batch_size, large.lr) == (1024, 64, 1e-4)
+    qwen = parse_config(["--config", str(REPO / "configs" / "qwen_lora.yaml")])
+    assert (qwen.lora_r, qwen.lora_alpha, qwen.gradient_checkpointing, qwen.pooling) == (16, 32.0, True, "lasttoken")
+    assert qwen.query_prompt == "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: "
+    assert qwen.document_prompt == "" and qwen.mini_batch_size > 0 and qwen.gather_negatives is True
+
+
+def test_llm_flags_parse_and_only_the_export_ones_may_change_on_resume(tmp_path):
+    from mnr.checkpoint import MAY_CHANGE_ON_RESUME
+
+    cfg = parse_config(["--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0.1", "--lora-target-modules",
+                        "q_proj, v_proj", "--save-adapter", "--gradient-checkpointing", "--bidirectional",
+                        "--save-dtype", "bfloat16"])
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules) == (8, 16.0, 0.1, "q_proj, v_proj")
+    assert cfg.save_adapter and cfg.gradient_checkpointing and cfg.bidirectional and cfg.save_dtype == "bfloat16"
+    assert parse_config([]).lora_r == 0 and parse_config([]).lora_target_modules == "all-linear"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert parse_config(["--lora-adapter", str(adapter), "--save-adapter"]).lora_adapter == str(adapter)
+    assert {"save_adapter", "save_dtype"} <= set(MAY_CHANGE_ON_RESUME)
+    assert not {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_adapter",
+                "gradient_checkpointing", "bidirectional"} & set(MAY_CHANGE_ON_RESUME)
 
 
 @pytest.mark.parametrize("argv, hint", [
@@ -110,7 +139,7 @@ def test_help_groups_every_flag_and_ends_with_examples():
     grouped = [name for names in HELP_GROUPS.values() for name in names]
     assert sorted(grouped) == sorted(FIELD_NAMES)  # each field in exactly one group
     text = build_parser().format_help()
-    for title in ("data:", "model:", "optimisation:", "distributed:", "evaluation:", "checkpoints:", "logging:"):
+    for title in ("data:", "model:", "LLM backbones and adapters:", "optimisation:", "distributed:", "evaluation:", "checkpoints:", "logging:"):
         assert "\n" + title in text
     assert text.rstrip().splitlines()[-1].strip().startswith("accelerate launch")
     assert "mnr-train" in build_parser(prog="mnr-train").format_usage()
