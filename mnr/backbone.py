@@ -302,9 +302,10 @@ def check_tokenizer(model: str, path: str, tokenizer, config) -> None:
                          f"sentence{where}: save the model's tokenizer with it (tokenizer.save_pretrained)")
 
 
-def load_tokenizer(model: str, trust_remote_code: bool = False) -> tuple[str, Pipeline, object]:
+def load_tokenizer(model: str, trust_remote_code: bool = False, log: bool = True) -> tuple[str, Pipeline, object]:
     """(resolved path, the base's pipeline, its checked fast tokenizer): what a TokenPolicy is made of, without
-    the weights."""
+    the weights.  A decoder's tokenizer gets a pad token where it has none (its EOS; `log`: said in the log) and
+    a post-processor that ends every text in exactly one EOS, truncation keeping it (`decoder_tokenizer`)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from mnr.model import ModelError, check_model_dir, read_pipeline, resolve_model_path
@@ -323,7 +324,30 @@ def load_tokenizer(model: str, trust_remote_code: bool = False) -> tuple[str, Pi
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"model={path!r} has no fast tokenizer (tokenizer.json); mnr needs one")
     check_tokenizer(model, path, tokenizer, config)
+    for line in decoder_tokenizer(tokenizer, config):
+        if log:
+            logger.info(line)
     return path, pipeline, tokenizer
+
+
+def decoder_tokenizer(tokenizer, config) -> list[str]:
+    """For a decoder (`mnr.decoder.is_decoder`): a pad token (EOS) where the tokenizer has none, and the EOS
+    appended by its post-processor, so that the store, the evaluators and the saved tokenizer all end each text
+    in exactly one EOS (the tokenizer's state, hence the policy's fingerprint, changes with it).  Returns the
+    log lines; nothing for an encoder."""
+    from mnr.decoder import ensure_pad_token, is_decoder, make_tokenizer_append_eos
+    from mnr.model import ModelError
+
+    if not is_decoder(config):
+        return []
+    try:
+        lines = [line for line in [ensure_pad_token(tokenizer)] if line]
+        if make_tokenizer_append_eos(tokenizer):
+            lines.append(f"decoder: every text ends in the EOS token {tokenizer.eos_token!r} (appended once, kept "
+                         f"by truncation)")
+    except ValueError as err:
+        raise ModelError(f"model={getattr(tokenizer, 'name_or_path', '')!r}: {err}") from None
+    return lines
 
 
 def load_policy(model: str, max_length: int, trust_remote_code: bool = False, pooling: str = "",
@@ -331,7 +355,7 @@ def load_policy(model: str, max_length: int, trust_remote_code: bool = False, po
     """The TokenPolicy a run of this model would use (tokenizer and sentence-transformers files only)."""
     from mnr.model import pipeline_choices
 
-    _, pipeline, tokenizer = load_tokenizer(model, trust_remote_code)
+    _, pipeline, tokenizer = load_tokenizer(model, trust_remote_code, log=False)
     chosen = dataclasses.replace(pipeline, **pipeline_choices(pipeline, pooling, query_prompt, document_prompt))
     return TokenPolicy.of(tokenizer, max_length, chosen)
 
@@ -358,17 +382,19 @@ class Backbone:
     def __init__(self, encoder: Encoder, tokenizer, policy: TokenPolicy, path: str = ""):
         self.encoder, self.tokenizer, self.policy, self.path = encoder, tokenizer, policy, path
         self.prepared: nn.Module | None = None  # the encoder as Accelerate wrapped it (`attach`)
+        self.save_dtype: str | None = None  # the export's weights: 'float32' / 'bfloat16' (None: as they are)
 
     @classmethod
     def load(cls, model: str, max_length: int = 128, trust_remote_code: bool = False, dtype=None,
              pooling: str = "", query_prompt: str | None = None, document_prompt: str | None = None,
-             length_buckets: int = 1) -> "Backbone":
+             length_buckets: int = 1, bidirectional: bool = False) -> "Backbone":
         """A hub id or local directory ('' = the embedded MiniLM) with the run's pooling and prompts (each None /
-        '' = the base's own); ModelError, one line naming the file, when its files do not agree."""
+        '' = the base's own); ModelError, one line naming the file, when its files do not agree.  bidirectional:
+        a decoder attends without its causal mask (`mnr.decoder.set_bidirectional`; ModelError where it cannot)."""
         from safetensors import SafetensorError  # a truncated or overwritten weights file
         from transformers import AutoModel
 
-        from mnr.model import Encoder
+        from mnr.model import Encoder, ModelError
 
         path, pipeline, tokenizer = load_tokenizer(model, trust_remote_code)
         with _quiet_load():
@@ -377,6 +403,13 @@ class Backbone:
                                                         **({"dtype": dtype} if dtype is not None else {}))
             except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
                 raise _load_error(model, path, err) from None
+        if bidirectional:
+            from mnr.decoder import set_bidirectional
+
+            try:
+                set_bidirectional(transformer)
+            except ValueError as err:
+                raise ModelError(str(err)) from None
         encoder = Encoder(transformer, length_buckets, pipeline, _take_out_pooler(transformer))
         backbone = cls(encoder, tokenizer, TokenPolicy.of(tokenizer, max_length, pipeline), path)
         backbone.choose(pooling, query_prompt, document_prompt)
@@ -418,14 +451,20 @@ class Backbone:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Collective (every process calls it): the export's full weights, the transformer's and the base's
         pooler head's.  Whole parameters (DDP: the prepared model shares the encoder's): the same on every
-        process; a sharded encoder (mnr.sharding) gathers them onto the main process's CPU ({} elsewhere)."""
+        process; a sharded encoder (mnr.sharding) gathers them onto the main process's CPU ({} elsewhere).  Under
+        a LoRA adapter (whole parameters): the merged weights, with the base's key names
+        (`mnr.lora.merged_state_dict`).  In `save_dtype`."""
         from mnr import sharding
+        from mnr.decoder import cast_state_dict
+        from mnr.lora import is_lora, merged_state_dict
 
+        transformer = self.encoder.transformer
         if not sharding.is_sharded(self.encoder):
-            return {**self.encoder.transformer.state_dict(), **self.encoder.unused_weights}
+            weights = merged_state_dict(transformer) if is_lora(transformer) else transformer.state_dict()
+            return cast_state_dict({**weights, **self.encoder.unused_weights}, self.save_dtype)
         full = sharding.full_state_dict(self.encoder)
         own = {k.removeprefix("transformer."): v for k, v in full.items() if k.startswith("transformer.")}
-        return {**own, **self.encoder.unused_weights} if full else {}
+        return cast_state_dict({**own, **self.encoder.unused_weights}, self.save_dtype) if full else {}
 
     def export(self, path: str | os.PathLike, max_seq_length: int | None = None, card: dict | None = None,
                then: Callable[[Path], None] | None = None, stage: Callable | None = None) -> None:
@@ -441,7 +480,7 @@ class Backbone:
         def write() -> None:
             with stage() if stage is not None else contextlib.nullcontext(Path(path)) as target:
                 save_model(self.encoder, self.tokenizer, target, max_seq_length, card, state=state,
-                           policy=self.policy)
+                           policy=self.policy, dtype=self.save_dtype)
                 if then is not None:
                     then(Path(target))
 

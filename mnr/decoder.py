@@ -191,6 +191,17 @@ def cast_state_dict(state: dict[str, torch.Tensor], dtype: str | None) -> dict[s
     return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
 
 
+def write_config_dtype(path, dtype: str | None) -> None:
+    """config.json in `path` names `dtype` (save_pretrained writes the dtype of the parameters in memory, not
+    of the state it was given); None: left as written."""
+    import json
+    from pathlib import Path
+
+    if dtype is not None:
+        config = Path(path) / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": dtype}, indent=2) + "\n")
+
+
 def tokenizer_appends_eos(tokenizer) -> bool:
     """Does the tokenizer end every encoded text in its EOS by itself (its post-processor)?"""
     ids = tokenizer("a")["input_ids"]

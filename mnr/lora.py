@@ -10,7 +10,6 @@ Invariants:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,11 +163,9 @@ def save_transformer(model: nn.Module, path: str | Path, dtype: str | None = Non
     """The export's transformers files (config.json + safetensors): the merged weights under an adapter, else
     the model's own, in `dtype` ('float32' / 'bfloat16'; None: as they are), the config saying that dtype, so
     that `AutoModel.from_pretrained(path)` loads them as written."""
-    from mnr.decoder import cast_state_dict
+    from mnr.decoder import cast_state_dict, write_config_dtype
 
     base = base_module(model)
     state = cast_state_dict(merged_state_dict(model) if is_lora(model) else base.state_dict(), dtype)
     base.save_pretrained(str(path), state_dict=state, safe_serialization=True)
-    if dtype is not None:  # save_pretrained writes the dtype of the parameters in memory, not of the state written
-        config = Path(path) / "config.json"
-        config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": dtype}, indent=2) + "\n")
+    write_config_dtype(path, dtype)

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mnr.decoder import is_decoder, position_ids
+
 logger = logging.getLogger(__name__)
 ST_MODULES = [
     {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -103,6 +105,8 @@ class Encoder(nn.Module):
         self.length_buckets = length_buckets
         self.pipeline = pipeline or Pipeline()
         self.unused_weights = unused_weights or {}
+        # a decoder gets explicit positions counting each row's real tokens: left padding = right padding
+        self.positions = is_decoder(transformer.config)
 
     @property
     def config(self):
@@ -128,7 +132,8 @@ class Encoder(nn.Module):
         return torch.cat(parts)[torch.argsort(order)]  # back to input order
 
     def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        extra = {"position_ids": position_ids(attention_mask)} if self.positions else {}
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         return POOLINGS[self.pipeline.pooling](hidden, attention_mask)
 
 
@@ -215,7 +220,12 @@ def read_pipeline(path: str) -> Pipeline:
     """The base model's sentence-transformers pipeline; ModelError for one mnr cannot train and export
     faithfully (modules other than Transformer -> Pooling [-> Normalize], poolings not in POOLINGS)."""
     pipeline = Pipeline(base_model=base_hub_id(path), license=_front_matter(path).get("license"))
-    if _base_file(path, "modules.json") is None:
+    if _base_file(path, "modules.json") is None:  # a plain transformers model: last-token pooling for a decoder
+        from types import SimpleNamespace
+
+        from mnr.decoder import default_pooling
+
+        pipeline.pooling = default_pooling(SimpleNamespace(**_read_json(path, "config.json")))
         return pipeline
     modules = _read_json(path, "modules.json", list)
     if not modules or not all(isinstance(m, dict) for m in modules):
@@ -308,23 +318,29 @@ def max_positions(encoder: Encoder) -> int | None:
 
 
 def save_model(encoder: Encoder, tokenizer, out_dir: str | os.PathLike, max_seq_length: int | None = None,
-               card: dict | None = None, state: dict[str, torch.Tensor] | None = None, policy=None) -> None:
+               card: dict | None = None, state: dict[str, torch.Tensor] | None = None, policy=None,
+               dtype: str | None = None) -> None:
     """Write transformers files (safetensors, the base's pooler weights included) + the base model's
     sentence-transformers pipeline + a model card (`mnr.card.model_card`).  `card` holds the run's facts (schema
     in mnr/card.py); base_model, pooling, normalize, max_seq_length, embedding_dim, similarity_fn_name and
     do_lower_case come from the encoder's pipeline, license too unless `card` gives one.
     max_seq_length: the run's truncation when the user set one; None keeps the base model's.
     state: the full weights (`Backbone.state_dict()`; default: the encoder's own); policy: the run's TokenPolicy,
-    whose lower-casing and prompts the card shows (default: the pipeline's)."""
+    whose lower-casing and prompts the card shows (default: the pipeline's); dtype: the one `state` is in, which
+    config.json then names ('float32' / 'bfloat16'; None: the model's).  Under a LoRA adapter the base writes
+    the files (`state`: the merged weights)."""
     import transformers
 
     from mnr.card import model_card
+    from mnr.decoder import write_config_dtype
+    from mnr.lora import base_module
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe = encoder.pipeline
     state = state if state is not None else {**encoder.transformer.state_dict(), **encoder.unused_weights}
-    encoder.transformer.save_pretrained(out, state_dict=state, safe_serialization=True)
+    base_module(encoder.transformer).save_pretrained(out, state_dict=state, safe_serialization=True)
+    write_config_dtype(out, dtype)
     tokenizer.save_pretrained(out)
     seq_len = max_seq_length or pipe.max_seq_length or _length_limit(encoder, tokenizer)
     (out / "modules.json").write_text(json.dumps(ST_MODULES + [NORMALIZE_MODULE] * pipe.normalize, indent=2))

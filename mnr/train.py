@@ -382,7 +382,22 @@ def _nonfinite(t: Trainer) -> list[str]:
 def _setup_model(cfg: TrainConfig, model_path: str) -> Backbone:
     backbone = Backbone.load(model_path, cfg.max_seq_length, cfg.trust_remote_code, pooling=cfg.pooling,
                              query_prompt=cfg.query_prompt, document_prompt=cfg.document_prompt,
-                             length_buckets=cfg.length_buckets)
+                             length_buckets=cfg.length_buckets, bidirectional=cfg.bidirectional)
+    backbone.save_dtype = cfg.save_dtype or None
+    if cfg.lora_r or cfg.lora_adapter:
+        from mnr.lora import LoraSettings, apply_lora, load_adapter, trainable_line
+
+        settings = None if cfg.lora_adapter else LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                                              cfg.lora_target_modules)
+        backbone.wrap_transformer(lambda t: load_adapter(t, cfg.lora_adapter) if settings is None
+                                  else apply_lora(t, settings))
+        logger.info("LoRA %s: %s", f"from {cfg.lora_adapter}" if settings is None else settings.describe(),
+                    trainable_line(backbone.encoder))
+    if cfg.gradient_checkpointing:
+        from mnr.checkpointing import enable_gradient_checkpointing
+        from mnr.lora import is_lora
+
+        enable_gradient_checkpointing(backbone.encoder.transformer, lora=is_lora(backbone.encoder.transformer))
     encoder = backbone.encoder
     check_fits(cfg.max_seq_length, encoder, "max_seq_length")
     width = getattr(encoder.config, "hidden_size", None)
@@ -662,8 +677,14 @@ def export(t: Trainer, path: Path, scores: dict[str, float] | None = None, into:
     cfg = t.cfg
     user_length = cfg.max_seq_length if "max_seq_length" in cfg.given else None
     # then: the Matryoshka sizes, for `mnr.evaluate` and the card's truncate_dim
-    t.backbone.export(into or path, user_length, card=_card_info(t, path, scores or {}),
-                      then=lambda target: record_dims(target, cfg.dims), stage=stage)
+    def then(target: Path) -> None:
+        record_dims(target, cfg.dims)
+        if cfg.save_adapter:  # the adapter alone, beside the merged model
+            from mnr.lora import save_adapter
+
+            save_adapter(t.backbone.encoder.transformer, target / "adapter", t.backbone.pipeline.base_model)
+
+    t.backbone.export(into or path, user_length, card=_card_info(t, path, scores or {}), then=then, stage=stage)
 
 
 def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:
@@ -677,6 +698,7 @@ def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:
                 "max_seq_length (training)": cfg.max_seq_length, "epochs": cfg.epochs, "seed": cfg.seed}
     if cfg.mini_batch_size:
         settings["GradCache mini-batch"] = cfg.mini_batch_size
+    settings.update(_llm_rows(t))
     metrics: dict = {}
     for name in dict.fromkeys([*t.state.metrics_before, *scores]):
         evaluator, metric = name.split("/", 1)
@@ -689,6 +711,27 @@ def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:
             "weights_unchanged": lr_steps(applied, math.ceil(cfg.warmup_ratio * t.total_steps)) == 0,
             "data_stats": t.data_stats, "examples": t.examples, "steps": t.state.global_step,
             "settings": settings, "metrics": metrics, "path": str(path)}
+
+
+def _llm_rows(t: Trainer) -> dict:
+    """The card's rows of an adapter, checkpointing, attention and export dtype (none for a plain run)."""
+    from mnr.lora import is_lora
+
+    cfg, transformer, rows = t.cfg, t.backbone.encoder.transformer, {}
+    if is_lora(transformer):
+        config = transformer.peft_config[transformer.active_adapter]
+        targets = config.target_modules
+        rows["LoRA adapter"] = (f"r={config.r}, alpha={config.lora_alpha}, dropout={config.lora_dropout}, "
+                                f"target_modules={targets if isinstance(targets, str) else ','.join(sorted(targets))}"
+                                + (f", started from {cfg.lora_adapter}" if cfg.lora_adapter else ""))
+        rows["weights"] = "merged (base + adapter)" + ("; the adapter alone in adapter/" if cfg.save_adapter else "")
+    if cfg.gradient_checkpointing:
+        rows["gradient checkpointing"] = "non-reentrant"
+    if cfg.bidirectional:
+        rows["attention"] = "bidirectional (causal mask off)"
+    if cfg.save_dtype:
+        rows["export dtype"] = cfg.save_dtype
+    return rows
 
 
 def save(t: Trainer) -> Path:

@@ -1,0 +1,120 @@
+"""Decoder backbones through the CLI: a tiny Qwen2 + LoRA + GradCache + gradient checkpointing trains, exports
+merged weights that load in transformers and sentence-transformers with the trainer's embeddings, the adapter
+alone loads in peft; EOS exactly once (truncation keeps it); left and right padding give the same embeddings."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from conftest import nli_rows, train_args, write_tsv  # noqa: E402
+from tiny_decoders import cached_decoder  # noqa: E402
+
+from mnr.train import main  # noqa: E402
+
+PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: "
+TEXTS = ["a man is playing with a dog", "two children", "a red car is parked near the old house in the street"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm")
+    base = cached_decoder("qwen2")
+    train = write_tsv(root / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows(12))
+    out = root / "out"
+    rc = main(train_args(base, train, out, "--max-steps", "3", "--lr", "1e-2", "--eval-data", "none",
+                         "--lora-r", "4", "--lora-alpha", "8", "--gradient-checkpointing", "--mini-batch-size", "2",
+                         "--save-adapter", "--query-prompt", PROMPT, "--cache-dir", str(root / "cache")))
+    assert rc == 0
+    return base, out
+
+
+def _last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    from mnr.model import last_token_pool
+
+    return last_token_pool(hidden, mask)
+
+
+def test_lora_run_exports_merged_weights_and_the_adapter(lora_run):
+    from safetensors.torch import load_file
+
+    base, out = lora_run
+    merged, before = load_file(str(out / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    assert set(merged) == set(before)  # the base's own key names: no peft prefixes, no adapter tensors
+    assert any((merged[k] - before[k]).abs().max() > 1e-6 for k in before)  # the adapter trained
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((out / "1_Pooling" / "config.json").read_text())["pooling_mode_lasttoken"] is True
+    card = (out / "README.md").read_text()
+    assert "merged (base + adapter)" in card and "r=4, alpha=8" in card and "non-reentrant" in card
+
+
+def test_merged_export_gives_the_trainers_embeddings_in_both_libraries(lora_run):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    from mnr.backbone import Backbone
+    from mnr.evaluate import encode
+
+    _, out = lora_run
+    ours = encode(Backbone.load(str(out)), TEXTS, max_seq_length=32)
+    model, tok = AutoModel.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    batch = tok(TEXTS, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        hf = _last_token(model(**batch).last_hidden_state, batch["attention_mask"])
+    st = torch.from_numpy(SentenceTransformer(str(out), device="cpu").encode(TEXTS))
+    assert (ours - hf).abs().max() < 1e-5
+    assert (ours - st).abs().max() < 1e-5
+
+
+def test_the_adapter_alone_loads_with_peft_and_equals_the_merged_export(lora_run):
+    from peft import PeftModel
+    from transformers import AutoModel, AutoTokenizer
+
+    base, out = lora_run
+    merged = AutoModel.from_pretrained(out).eval()
+    adapted = PeftModel.from_pretrained(AutoModel.from_pretrained(base), str(out / "adapter")).eval()
+    batch = AutoTokenizer.from_pretrained(out)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a = merged(**batch).last_hidden_state
+        b = adapted(**batch).last_hidden_state
+    assert (a - b).abs().max() < 1e-4
+
+
+def test_eos_exactly_once_after_truncation_in_the_store_policy_and_the_saved_tokenizer(lora_run):
+    from transformers import AutoTokenizer
+
+    from mnr.backbone import Backbone
+
+    _, out = lora_run
+    policy = Backbone.load(str(out), max_length=8).policy
+    eos = policy.tokenizer.eos_token_id
+    values, lengths = policy.tokenise([TEXTS[2], TEXTS[1]], "document")
+    rows = torch.from_numpy(values.astype("int64")).split(lengths.tolist())
+    assert lengths[0] == 8 and all(int(r[-1]) == eos and int((r == eos).sum()) == 1 for r in rows)
+    saved = AutoTokenizer.from_pretrained(out)(TEXTS, truncation=True, max_length=8)["input_ids"]
+    assert all(r[-1] == eos and r.count(eos) == 1 for r in saved)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "llama"])
+def test_left_and_right_padding_give_the_same_embeddings(tmp_path, family):
+    from mnr.backbone import Backbone
+    from mnr.evaluate import encode
+
+    right = cached_decoder(family)
+    left = tmp_path / "left"
+    shutil.copytree(right, left)
+    config = json.loads((left / "tokenizer_config.json").read_text())
+    (left / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    backbones = [Backbone.load(str(p), max_length=32) for p in (right, left)]
+    assert [b.policy.padding_side for b in backbones] == ["right", "left"]
+    for b in backbones:
+        b.encoder.eval()
+    with torch.no_grad():  # the trainer's encoder on the collator's padding, and the evaluators' encode
+        trained = [b.embed(**b.policy.batch(TEXTS, "query")) for b in backbones]
+        evaluated = [encode(b, TEXTS, max_seq_length=32, batch_size=3) for b in backbones]
+    assert (trained[0] - trained[1]).abs().max() < 1e-5
+    assert (evaluated[0] - evaluated[1]).abs().max() < 1e-5
+    assert (trained[0] - evaluated[0]).abs().max() < 1e-5
