@@ -715,10 +715,9 @@ def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:
 
 def _llm_rows(t: Trainer) -> dict:
     """The card's rows of an adapter, checkpointing, attention and export dtype (none for a plain run)."""
-    from mnr.lora import is_lora
-
-    cfg, transformer, rows = t.cfg, t.backbone.encoder.transformer, {}
-    if is_lora(transformer):
+    cfg, rows = t.cfg, {}
+    if cfg.lora_r or cfg.lora_adapter:
+        transformer = t.backbone.encoder.transformer
         config = transformer.peft_config[transformer.active_adapter]
         targets = config.target_modules
         rows["LoRA adapter"] = (f"r={config.r}, alpha={config.lora_alpha}, dropout={config.lora_dropout}, "
