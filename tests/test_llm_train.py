@@ -118,3 +118,60 @@ def test_left_and_right_padding_give_the_same_embeddings(tmp_path, family):
     assert (trained[0] - trained[1]).abs().max() < 1e-5
     assert (evaluated[0] - evaluated[1]).abs().max() < 1e-5
     assert (trained[0] - evaluated[0]).abs().max() < 1e-5
+
+
+def test_bidirectional_is_trained_and_saved_so_the_export_attends_both_ways(tmp_path):
+    from mnr.backbone import Backbone
+
+    train = write_tsv(tmp_path / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows(8))
+    out = tmp_path / "out"
+    assert main(train_args(cached_decoder("qwen2"), train, out, "--max-steps", "1", "--eval-data", "none",
+                           "--bidirectional", "--cache-dir", str(tmp_path / "cache"))) == 0
+    assert json.loads((out / "config.json").read_text())["is_causal"] is False
+    states = []
+    for path in (cached_decoder("qwen2"), out):
+        transformer = Backbone.load(str(path)).encoder.transformer.eval()
+        with torch.no_grad():
+            hidden = transformer(input_ids=torch.tensor([[5, 6, 7, 8], [5, 6, 7, 9]])).last_hidden_state[:, 0]
+        states.append(float((hidden[0] - hidden[1]).abs().max()))
+    assert states[0] == 0 and states[1] > 1e-4  # a suffix changes token 0 only when attending both ways
+    assert "bidirectional" in (out / "README.md").read_text()
+
+
+def test_training_starts_from_a_saved_adapter(lora_run, tmp_path):
+    from safetensors.torch import load_file
+
+    base, first = lora_run
+    train = write_tsv(tmp_path / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows(12))
+    out = tmp_path / "out"
+    assert main(train_args(base, train, out, "--max-steps", "1", "--lr", "1e-9", "--eval-data", "none",
+                           "--lora-adapter", str(first / "adapter"), "--cache-dir", str(tmp_path / "cache"))) == 0
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5  # the adapter's weights, barely moved
+    assert "started from" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_with_lora_equals_uninterrupted(tmp_path):
+    """LoRA with dropout on, gradient checkpointing and GradCache: the replayed RNG gives the same adapter."""
+    from conftest import load_weights, max_abs_diff
+    from safetensors.torch import load_file
+    from test_reliability import WORKER, _launch, _records
+
+    base = cached_decoder("qwen2", dropout=0.1)
+    train = write_tsv(tmp_path / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows(40))
+    common = ["--max-steps", "7", "--save-steps", "2", "--log-steps", "1", "--cache-dir", str(tmp_path / "c"),
+              "--eval-data", "none", "--lr", "1e-3", "--lora-r", "4", "--lora-dropout", "0.1",
+              "--gradient-checkpointing", "--mini-batch-size", "2", "--save-adapter"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    done = _launch(1, [WORKER, "none", "0", "0", "--"] + train_args(base, train, ref, *common))
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = _launch(1, [WORKER, "sigkill", "6", "0", "--"] + train_args(base, train, out, *common))
+    assert killed.returncode != 0 and not (out / "model.safetensors").exists()
+    resumed = _launch(1, [WORKER, "none", "0", "0", "--"] + train_args(base, train, out, *common, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint-4" in resumed.stderr
+    assert max_abs_diff(load_weights(ref), load_weights(out)) < 1e-5
+    adapters = [load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (ref, out)]
+    assert max_abs_diff(*adapters) < 1e-5
+    assert _records(out) == _records(ref)
