@@ -151,6 +151,35 @@ def test_training_starts_from_a_saved_adapter(lora_run, tmp_path):
     assert "started from" in (out / "README.md").read_text()
 
 
+def test_save_dtype_bfloat16_writes_bfloat16_weights_that_load_as_written(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    train = write_tsv(tmp_path / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows(8))
+    out = tmp_path / "out"
+    assert main(train_args(cached_decoder("qwen2"), train, out, "--max-steps", "1", "--eval-data", "none",
+                           "--lora-r", "2", "--save-dtype", "bfloat16", "--cache-dir", str(tmp_path / "cache"))) == 0
+    assert {v.dtype for v in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert next(AutoModel.from_pretrained(out).parameters()).dtype == torch.bfloat16
+    assert "export dtype" in (out / "README.md").read_text()
+
+
+def test_a_decoder_without_pad_token_pads_with_eos_and_says_so(caplog):
+    import logging
+
+    from mnr.backbone import Backbone
+
+    with caplog.at_level(logging.INFO, logger="mnr"):
+        backbone = Backbone.load(str(cached_decoder("llama")), max_length=16)
+    tok = backbone.tokenizer
+    assert tok.pad_token == tok.eos_token == "</s>" and backbone.policy.pad_token_id == tok.eos_token_id
+    assert "no pad token" in caplog.text and "ends in the EOS token" in caplog.text
+    assert backbone.pipeline.pooling == "lasttoken"
+    ids = backbone.policy.batch(["a man is playing"], "query")["input_ids"][0].tolist()
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_with_lora_equals_uninterrupted(tmp_path):
     """LoRA with dropout on, gradient checkpointing and GradCache: the replayed RNG gives the same adapter."""
