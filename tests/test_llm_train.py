@@ -1,4 +1,4 @@
-"""Decoder backbones through the CLI: a tiny Qwen2 + LoRA + GradCache + gradient checkpointing trains, exports
+"""Decoder backbones through the CLI: a tiny Qwen2 + LoRA + GradCache + gradient checkpointing + Matryoshka trains, exports
 merged weights that load in transformers and sentence-transformers with the trainer's embeddings, the adapter
 alone loads in peft; EOS exactly once (truncation keeps it); left and right padding give the same embeddings."""
 
@@ -27,7 +27,8 @@ def lora_run(tmp_path_factory):
     out = root / "out"
     rc = main(train_args(base, train, out, "--max-steps", "3", "--lr", "1e-2", "--eval-data", "none",
                          "--lora-r", "4", "--lora-alpha", "8", "--gradient-checkpointing", "--mini-batch-size", "2",
-                         "--save-adapter", "--query-prompt", PROMPT, "--cache-dir", str(root / "cache")))
+                         "--save-adapter", "--matryoshka-dims", "32,16", "--query-prompt", PROMPT,
+                         "--cache-dir", str(root / "cache")))
     assert rc == 0
     return base, out
 
