@@ -233,3 +233,18 @@ def test_two_processes_with_lora_train_the_adapter_of_one_process_with_twice_the
     assert float(b[0].abs().max()) > 1e-2  # B starts at 0: the adapter trained
     assert relative < bound  # measured on this CPU: 3e-7 (fp32), 0.033 (bf16)
     assert precision != "no" or max_abs_diff(*adapters) < 5e-5  # fp32: test_distributed's bound (measured 1.4e-6)
+
+
+def test_mine_finds_the_same_negatives_with_left_and_right_padding(tmp_path):
+    from mnr.mine import main as mine
+
+    pairs = write_tsv(tmp_path / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows(12))
+    right, left = cached_decoder("gpt2"), tmp_path / "left"  # absolute positions: left padding shifts them
+    shutil.copytree(right, left)
+    config = json.loads((left / "tokenizer_config.json").read_text())
+    (left / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    outs = [tmp_path / f"{name}.tsv" for name in ("right", "left")]
+    for model, out in zip((right, left), outs):
+        assert mine([str(pairs), "--model", str(model), "--max-seq-length", "32", "--batch-size", "5",
+                     "--num-negatives", "2", "--output", str(out)]) == 0
+    assert outs[0].read_text() == outs[1].read_text()
