@@ -177,6 +177,12 @@ def test_a_decoder_without_pad_token_pads_with_eos_and_says_so(caplog):
     assert tok.pad_token == tok.eos_token == "</s>" and backbone.policy.pad_token_id == tok.eos_token_id
     assert "no pad token" in caplog.text and "ends in the EOS token" in caplog.text
     assert backbone.pipeline.pooling == "lasttoken"
+    from transformers import AutoTokenizer
+
+    from mnr.backbone import TokenPolicy
+
+    raw = TokenPolicy.of(AutoTokenizer.from_pretrained(cached_decoder("llama")), 16)
+    assert raw.fingerprint() != backbone.policy.fingerprint()  # a store built without the EOS is rebuilt
     ids = backbone.policy.batch(["a man is playing"], "query")["input_ids"][0].tolist()
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
 
