@@ -196,17 +196,7 @@ class TrainConfig:
              "must be a directory (this is a file)")
         need(self.pooling in ("", "mean", "cls", "lasttoken"), "pooling", "allowed: mean, cls, lasttoken (or empty: "
              "the base model's own)")
-        need(self.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
-        need(0 < self.lora_alpha < math.inf, "lora_alpha", "must be a finite number > 0")
-        need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
-        need(bool(_items(self.lora_target_modules)), "lora_target_modules",
-             "comma-separated module names, or all-linear")
-        need(not self.lora_adapter or (Path(self.lora_adapter) / "adapter_config.json").is_file(), "lora_adapter",
-             "a directory holding an adapter (adapter_config.json)")
-        need(not self.save_adapter or bool(self.lora_r or self.lora_adapter), "save_adapter",
-             "needs an adapter to save: --lora-r R or --lora-adapter DIR")
-        need(self.save_dtype in ("", "float32", "bfloat16"), "save_dtype",
-             "allowed: float32, bfloat16 (or empty: the base model's)")
+        self._check_llm(need)
         need(self.report_to in ("auto", "none", "tensorboard", "wandb", "all"), "report_to",
              "allowed: auto, none, tensorboard, wandb, all")
         self.dims = parse_dims(self.matryoshka_dims, "matryoshka_dims")
@@ -223,6 +213,20 @@ class TrainConfig:
         self.evaluation_dims = parse_dims(self.eval_dims, "eval_dims") or self.dims
         if self.resume and self.resume != "auto":
             need(Path(self.resume).is_dir(), "resume", "'auto' or an existing checkpoint directory")
+
+    def _check_llm(self, need) -> None:
+        """The LLM backbones and adapters group."""
+        need(self.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
+        need(0 < self.lora_alpha < math.inf, "lora_alpha", "must be a finite number > 0")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        need(bool(_items(self.lora_target_modules)), "lora_target_modules",
+             "comma-separated module names, or all-linear")
+        need(not self.lora_adapter or (Path(self.lora_adapter) / "adapter_config.json").is_file(), "lora_adapter",
+             "a directory holding an adapter (adapter_config.json)")
+        need(not self.save_adapter or bool(self.lora_r or self.lora_adapter), "save_adapter",
+             "needs an adapter to save: --lora-r R or --lora-adapter DIR")
+        need(self.save_dtype in ("", "float32", "bfloat16"), "save_dtype",
+             "allowed: float32, bfloat16 (or empty: the base model's)")
 
     def _sources_and_weights(self, need) -> tuple[tuple[str, ...], list[float] | None]:
         from mnr.data import DataError, weighted_specs
