@@ -44,7 +44,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class TrainConfig:
     # data and model
-    model: str = _f("", f"hub id or local directory of a transformers encoder; empty = {EMBEDDED_MODEL}")
+    model: str = _f("", f"hub id or local directory of a transformers encoder or decoder (Llama, Qwen2/3, "
+                    f"Mistral, Gemma, ...); empty = {EMBEDDED_MODEL}")
     train_data: str = _f("", "comma-separated hub dataset names (snli, glue/mnli, owner/name[:config][@split]) and/or "
                          "local .tsv/.csv/.jsonl/.parquet[.gz] files; empty = the embedded SNLI sample")
     eval_data: str = _f("", "comma-separated evaluation sets, the kind detected from the data: STS pairs "
