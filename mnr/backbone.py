@@ -452,19 +452,23 @@ class Backbone:
         """Collective (every process calls it): the export's full weights, the transformer's and the base's
         pooler head's.  Whole parameters (DDP: the prepared model shares the encoder's): the same on every
         process; a sharded encoder (mnr.sharding) gathers them onto the main process's CPU ({} elsewhere).  Under
-        a LoRA adapter (whole parameters): the merged weights, with the base's key names
-        (`mnr.lora.merged_state_dict`).  In `save_dtype`."""
+        a LoRA adapter: the merged weights, with the base's key names (`mnr.lora.merged_state_dict`; sharded:
+        `merge_gathered` of the gathered state).  In `save_dtype`."""
         from mnr import sharding
         from mnr.decoder import cast_state_dict
-        from mnr.lora import is_lora, merged_state_dict
+        from mnr.lora import is_lora, merge_gathered, merged_state_dict
 
         transformer = self.encoder.transformer
         if not sharding.is_sharded(self.encoder):
             weights = merged_state_dict(transformer) if is_lora(transformer) else transformer.state_dict()
             return cast_state_dict({**weights, **self.encoder.unused_weights}, self.save_dtype)
         full = sharding.full_state_dict(self.encoder)
+        if not full:  # not the main process
+            return {}
         own = {k.removeprefix("transformer."): v for k, v in full.items() if k.startswith("transformer.")}
-        return cast_state_dict({**own, **self.encoder.unused_weights}, self.save_dtype) if full else {}
+        if is_lora(transformer):  # gathered shards: merged from the full state dict
+            own = merge_gathered(transformer, own)
+        return cast_state_dict({**own, **self.encoder.unused_weights}, self.save_dtype)
 
     def export(self, path: str | os.PathLike, max_seq_length: int | None = None, card: dict | None = None,
                then: Callable[[Path], None] | None = None, stage: Callable | None = None) -> None:

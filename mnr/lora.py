@@ -142,6 +142,32 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def merge_gathered(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`merged_state_dict` from a full state dict of the peft model (its own keys: what a sharded model's
+    collective gather gives, whose parameters are shards): base key names, every adapted weight
+    W + scale * B @ A in float32, stored in W's dtype; the adapter's tensors left out."""
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    out = {key.removeprefix(prefix).replace(".base_layer.", "."): value for key, value in state.items()
+           if ".lora_" not in key}
+    with torch.no_grad():
+        for name, module in model.get_base_model().named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            if any(module.use_dora.get(a, False) for a in module.active_adapters):
+                raise LoraError(f"{name}: DoRA adapters are not merged by mnr")
+            weight = out[f"{name}.weight"]
+            delta = torch.zeros(weight.shape, dtype=torch.float32)
+            for a in (a for a in module.active_adapters if a in module.lora_A):
+                down = state[f"{prefix}{name}.lora_A.{a}.weight"].float()
+                up = state[f"{prefix}{name}.lora_B.{a}.weight"].float()
+                step = (up @ down) * module.scaling[a]
+                delta += step.T if getattr(module, "fan_in_fan_out", False) else step
+            out[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
+    return out
+
+
 def base_module(model: nn.Module) -> nn.Module:
     """The transformer under the adapter (the model itself when it has none): its config and save_pretrained
     write the export (pass it `state_dict=merged_state_dict(model)`)."""

@@ -261,11 +261,13 @@ def fsdp_runs(tmp_path_factory, tiny) -> dict[str, Path]:
     data = write_tsv(tmp / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows())
     common = ["--model", str(tiny), "--train-data", str(data), "--cache-dir", str(tmp / "token-cache"), *TRAIN_ARGS]
     out = {name: tmp / name for name in ("single", "sharded", "sharded_gradcache", "sharded_resumed",
-                                         "single_matryoshka", "sharded_matryoshka")}
+                                         "single_matryoshka", "sharded_matryoshka", "single_lora", "sharded_lora")}
     matryoshka = ["--matryoshka-dims", "32,16,8"]
+    lora = ["--lora-r", "4", "--lora-alpha", "8"]
     assert main([*common, "--batch-size", str(2 * LOCAL_BATCH), "--output-dir", str(out["single"])]) == 0
     assert main([*common, *matryoshka, "--batch-size", str(2 * LOCAL_BATCH), "--output-dir",
                  str(out["single_matryoshka"])]) == 0
+    assert main([*common, *lora, "--batch-size", str(2 * LOCAL_BATCH), "--output-dir", str(out["single_lora"])]) == 0
     per_process = [*common, "--batch-size", str(LOCAL_BATCH)]
     config = ["--config_file", "accelerate_configs/cpu_2proc.yaml"]
     out["log"] = launch(config, ["train_mnr.py", *per_process, "--save-steps", "2", "--output-dir",
@@ -276,13 +278,16 @@ def fsdp_runs(tmp_path_factory, tiny) -> dict[str, Path]:
                     str(out["sharded_resumed"])], tmp, MNR_FSDP_CPU="1")
     launch(config, ["train_mnr.py", *per_process, *matryoshka, "--output-dir", str(out["sharded_matryoshka"])], tmp,
            MNR_FSDP_CPU="1")
+    launch(config, ["train_mnr.py", *per_process, *lora, "--output-dir", str(out["sharded_lora"])], tmp,
+           MNR_FSDP_CPU="1")  # the export: the gathered shards, merged
     return out
 
 
-@pytest.mark.parametrize("run", ["sharded", "sharded_gradcache", "sharded_resumed", "sharded_matryoshka"])
+@pytest.mark.parametrize("run", ["sharded", "sharded_gradcache", "sharded_resumed", "sharded_matryoshka",
+                                 "sharded_lora"])
 def test_fsdp_train_mnr_two_sharded_processes_batch_b_train_like_one_process_batch_2b(fsdp_runs, run):
     assert "model sharded over 2 processes (FSDP2, one unit per " in fsdp_runs["log"] and "BertLayer" in fsdp_runs["log"]
-    single = fsdp_runs["single_matryoshka" if run.endswith("matryoshka") else "single"]
+    single = fsdp_runs[{"sharded_matryoshka": "single_matryoshka", "sharded_lora": "single_lora"}.get(run, "single")]
     diff = max_abs_diff(load_weights(fsdp_runs[run]), load_weights(single))
     print(f"max |w({run}, 2 proc x {LOCAL_BATCH}) - w(1 proc x {2 * LOCAL_BATCH})| = {diff:.3g}")
     assert diff < 5e-5

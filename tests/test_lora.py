@@ -172,3 +172,20 @@ def test_training_starts_from_a_saved_adapter(bert_path, tmp_path):
     assert trainable_parameters(frozen)[0] == 0
     with pytest.raises(LoraError, match="not an adapter folder"):
         load_adapter(again.transformer, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["bert", "qwen2"])
+def test_fsdp_export_merges_the_gathered_state_as_the_whole_model_does(bert_path, kind):
+    """A sharded model's export has only the gathered full state dict (peft's keys) to merge from:
+    merge_gathered of it equals merged_state_dict of the whole model."""
+    from mnr.lora import merge_gathered
+
+    encoder, _ = adapted(bert_path if kind == "bert" else cached_decoder("qwen2"), "mean")
+    gathered = {k: v.detach().clone() for k, v in encoder.transformer.state_dict().items()}
+    want = merged_state_dict(encoder.transformer)
+    got = merge_gathered(encoder.transformer, gathered)
+    assert set(got) == set(want) and not any(".lora_" in k or "base_model" in k for k in got)
+    assert max((got[k].float() - want[k].float()).abs().max().item() for k in want) < 1e-6
+    changed = [k for k in want if k.endswith(".weight") and f"base_model.model.{k[:-7]}.base_layer.weight" in gathered]
+    assert changed and all(not torch.equal(got[k], gathered[f"base_model.model.{k[:-7]}.base_layer.weight"])
+                           for k in changed)
