@@ -360,3 +360,27 @@ def test_two_machines_one_process_each_train_like_one_process_batch_2b(runs, tin
     diff = max_abs_diff(load_weights(out), load_weights(runs["single"]))
     print(f"max |w(2 machines x 1 proc x {LOCAL_BATCH}) - w(1 proc x {2 * LOCAL_BATCH})| = {diff:.3g}")
     assert diff < 5e-5
+
+
+@pytest.mark.slow
+def test_fsdp_train_mnr_a_sharded_decoder_trains_like_one_process(tmp_path):
+    """A tiny Qwen2 (last-token pooling, EOS appended, one FSDP2 unit per decoder layer) through train_mnr.py
+    sharded over 2 gloo processes x 4 ends at the weights of 1 process x 8, and its export loads."""
+    from transformers import AutoModel
+
+    from mnr.train import main
+    from tiny_decoders import build_tiny_decoder
+
+    model = build_tiny_decoder(tmp_path / "qwen2", "qwen2")
+    data = write_tsv(tmp_path / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows())
+    common = ["--model", str(model), "--train-data", str(data), "--cache-dir", str(tmp_path / "token-cache"),
+              *TRAIN_ARGS]
+    assert main([*common, "--batch-size", str(2 * LOCAL_BATCH), "--output-dir", str(tmp_path / "single")]) == 0
+    log = launch(["--config_file", "accelerate_configs/cpu_2proc.yaml"],
+                 ["train_mnr.py", *common, "--batch-size", str(LOCAL_BATCH), "--output-dir", str(tmp_path / "sharded")],
+                 tmp_path, MNR_FSDP_CPU="1").stderr
+    assert "model sharded over 2 processes (FSDP2, one unit per " in log and "Qwen2DecoderLayer" in log
+    diff = max_abs_diff(load_weights(tmp_path / "sharded"), load_weights(tmp_path / "single"))
+    print(f"max |w(qwen2, 2 proc x {LOCAL_BATCH}) - w(1 proc x {2 * LOCAL_BATCH})| = {diff:.3g}")
+    assert diff < 5e-5
+    AutoModel.from_pretrained(tmp_path / "sharded")
