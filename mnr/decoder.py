@@ -112,16 +112,6 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right",
     return input_ids, attention_mask, position_ids(attention_mask)
 
 
-def trim_columns(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """Drop the padding columns no row needs, at either end (left padding leads, right padding trails): the
-    same token states for fewer columns.  One host sync.  Returns (input_ids, attention_mask[, positions])."""
-    used = attention_mask.any(dim=0).nonzero()
-    first, last = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 0)
-    out = (input_ids[:, first:last], attention_mask[:, first:last])
-    return out if positions is None else (*out, positions[:, first:last])
-
-
 # --- bidirectional attention ----------------------------------------------------------------------------------
 
 def set_bidirectional(model: torch.nn.Module) -> None:

@@ -46,12 +46,18 @@ def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> t
     return summed / mask.sum(dim=1).clamp(min=1e-9)
 
 
-def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop padding columns no row needs: cut to `width` or, by default, to the longest row (a host sync).
-    Rows padded on the right only (as mnr's collator pads)."""
-    width = int(attention_mask.sum(dim=1).max()) if width is None else width
-    return input_ids[:, :width], attention_mask[:, :width]
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int | None = None,
+                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Drop the padding columns no row needs: with `width`, keep the first `width` (rows padded on the right,
+    their widths known); by default, the columns no row uses at either end (left padding leads, right padding
+    trails; one host sync).  Returns (input_ids, attention_mask[, positions])."""
+    if width is None:
+        used = attention_mask.any(dim=0).to(torch.int8)  # (T,) 1 for a column some row needs
+        first, after_last = torch.stack([used.argmax(), used.shape[0] - used.flip(0).argmax()]).tolist()
+    else:
+        first, after_last = 0, width
+    out = (input_ids[:, first:after_last], attention_mask[:, first:after_last])
+    return out if positions is None else (*out, positions[:, first:after_last])
 
 
 def cls_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

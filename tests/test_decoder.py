@@ -9,9 +9,9 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
 
 from mnr.decoder import (append_eos, append_eos_batch, as_float32, cast_state_dict, default_pooling,
                          ensure_pad_token, float32_math, is_decoder, make_tokenizer_append_eos, pad_batch,
-                         position_ids, set_bidirectional, tokenizer_appends_eos, trim_columns)
+                         position_ids, set_bidirectional, tokenizer_appends_eos)
 from mnr.loss import mnr_loss
-from mnr.model import last_token_pool, mean_pool
+from mnr.model import last_token_pool, mean_pool, trim_padding
 from tiny_decoders import cached_decoder
 
 TEXTS = ["a man is playing with the dog near the house", "two women sleep", "the child runs",
@@ -116,12 +116,12 @@ def test_pad_batch_counts_positions_from_the_first_real_token():
         pad_batch([[5, 6, 7]], 0, width=2)
 
 
-def test_trim_columns_drops_padding_at_either_end():
+def test_trim_padding_drops_padding_at_either_end():
     ids, mask, pos = pad_batch([[5, 6], [8]], pad_id=0, side="left", width=5)
-    t_ids, t_mask, t_pos = trim_columns(ids, mask, pos)
+    t_ids, t_mask, t_pos = trim_padding(ids, mask, positions=pos)
     assert t_ids.tolist() == [[5, 6], [0, 8]] and t_pos.tolist() == [[0, 1], [0, 0]]
     ids, mask = pad_batch([[5, 6], [8]], pad_id=0, side="right", width=5)[:2]
-    assert trim_columns(ids, mask)[0].tolist() == [[5, 6], [8, 0]]
+    assert trim_padding(ids, mask)[0].tolist() == [[5, 6], [8, 0]]
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "gemma", "gpt2"])

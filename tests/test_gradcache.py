@@ -114,3 +114,30 @@ def test_dropout_is_replayed_chunk_by_chunk(encoder_dropout):
     cached = grads(model)
     assert max_diff(cached, chunked_reference(5)) < 1e-5
     assert max_diff(cached, chunked_reference(6)) > 1e-4  # dropout really is on: another seed, another gradient
+
+
+def test_cached_gradient_equals_uncached_with_left_padding():
+    """A tokenizer that pads on the left (many decoders' do; the collator follows it): each chunk drops the
+    padding columns it does not need at the front, never real tokens at the end."""
+    from tiny_decoders import cached_decoder
+
+    model, tokenizer = load_encoder(str(cached_decoder("qwen2")))
+    tokenizer.padding_side = "left"
+    model.train()
+    roles = ("anchor", "positive", "negative")
+    ids, mask = batch(tokenizer, roles)
+    assert (mask[:, 0] == 0).any()  # some rows really are padded on the left
+
+    def loss_fn(embeddings):
+        parts = split_roles(embeddings, len(roles))
+        return mnr_loss(parts[0], parts[1], parts[2:])
+
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model(ids, mask))
+    loss.backward()
+    uncached = grads(model)
+    cached_loss_and_backward(model, ids, mask, 4, loss_fn)
+    cached = grads(model)
+    grad_max = max(float(g.abs().max()) for g in uncached)
+    assert grad_max > 1e-3
+    assert max_diff(cached, uncached) < tolerance(grad_max)
