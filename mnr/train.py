@@ -528,8 +528,7 @@ def prepare_output_dir(cfg: TrainConfig, model_path: str, identity: dict) -> Pat
     """Lock and check the output dir before any work (see mnr/rundir.py); a refusal stops every process.
     The run's inputs (data files, cache dir, model, checkpoint) are never moved aside by --overwrite-output-dir."""
     out = Path(cfg.output_dir)
-    sources = [s.strip().rsplit("*", 1)[0].strip() for spec in (cfg.train_data, cfg.eval_data) for s in
-               (spec or "").split(",")]
+    sources = [*cfg.sources, *split_specs(cfg.eval_data or "")]
     keep = tuple(p for p in [*sources, cfg.cache_dir, model_path, cfg.resume if cfg.resume != "auto" else ""]
                  if p and os.path.exists(p))
     distributed.run_on_main(lambda: open_output_dir(out, model_path, identity, cfg.resume, cfg.overwrite_output_dir,
@@ -752,8 +751,8 @@ def _signal_name(t: Trainer) -> str:
 def _report_stop(t: Trainer, path: Path, when: str = "") -> None:
     """The stop line (every process calls it); `when`: a stop after the last step, during the final evaluation."""
     name, step = _signal_name(t), t.state.global_step
-    done = f"{when}: training is complete at step {step}" if when else f": stopped after step {step}"
-    t.accelerator.print(f"{name} received{' ' + done if when else done}; state saved in {path}. "
+    done = f" {when}: training is complete at step {step}" if when else f": stopped after step {step}"
+    t.accelerator.print(f"{name} received{done}; state saved in {path}. "
                         f"Resume with the same command plus --resume auto (or --resume {path})"
                         f"{' to evaluate and export' if when else ''}.")
     t.summary["interrupted"] = t.stop.signum

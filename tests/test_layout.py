@@ -5,7 +5,7 @@ import re
 
 from conftest import REPO
 
-MNR = sorted((REPO / "mnr").glob("*.py"))
+MNR = sorted((REPO / "mnr").rglob("*.py"))  # the packages too (mnr/store/)
 
 
 def _functions(path):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from mnr.atomic import ExclusiveLock
 from mnr.collective import together
 from mnr.data import DataError, default_cache_dir, split_specs
 from mnr.store.build import Build, no_cyclic_gc, python_only, tokenise_chunk, tokenise_share, tokenizer_threads
@@ -99,8 +100,6 @@ def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, 
     then every one of those machines (processes, with a Python tokenizer) tokenises its share, and the leader
     joins the shares and renames.
     Any process's failure is raised on all of them."""
-    from mnr.atomic import ExclusiveLock  # removed on release: no store-*.lock left in the cache
-
     team = team or Team()
     tokenise_chunk()  # a bad $MNR_TOKENISE_CHUNK is refused before any work
     specs, cache = split_specs(specs), Path(cache_dir or default_cache_dir())
@@ -112,7 +111,7 @@ def prepare_train_store(specs: str | list[str], tokenizer, max_seq_length: int, 
     # a fast tokenizer uses every core of its machine; a Python one uses one, so every process takes a share
     builders = _builders(team, cache, every_process=python_only(tokenizer))
     leads = bool(builders) and builders[0] == team.rank
-    lock = ExclusiveLock(str(final) + ".lock")
+    lock = ExclusiveLock(str(final) + ".lock")  # removed on release: no store-*.lock left in the cache
     build: Build | None = None
 
     def read():
