@@ -79,6 +79,8 @@ class TokenPolicy:
     query_prompt: str = ""
     document_prompt: str = ""
     tokenizer_state: str = ""  # sha256 of the tokenizer (`tokenizer_state`)
+    # False: a batch also carries each row's prompt length, which the pooling leaves out (the ids are the same)
+    include_prompt: bool = field(default=True, compare=False)
 
     def __post_init__(self):
         for name in ("padding_side", "truncation_side"):
@@ -98,7 +100,7 @@ class TokenPolicy:
                    truncation_side=getattr(tokenizer, "truncation_side", "right"), eos_token_id=eos, do_lower_case=bool(pipeline and pipeline.do_lower_case),
                    query_prompt=pipeline.query_prompt if pipeline else "",
                    document_prompt=pipeline.document_prompt if pipeline else "",
-                   tokenizer_state=tokenizer_state(tokenizer))
+                   tokenizer_state=tokenizer_state(tokenizer), include_prompt=pipeline.include_prompt if pipeline else True)
 
     def at_length(self, max_length: int) -> "TokenPolicy":
         return self if max_length == self.max_length else dataclasses.replace(self, max_length=int(max_length))
@@ -108,7 +110,8 @@ class TokenPolicy:
         prompts are settings of their own there)."""
         return {"tokenizer": self.tokenizer_state[:16], "padding_side": self.padding_side,
                 "truncation_side": self.truncation_side, "pad_token_id": self.pad_token_id,
-                "append_eos": self.append_eos, "do_lower_case": self.do_lower_case}
+                "append_eos": self.append_eos, "do_lower_case": self.do_lower_case,
+                **({} if self.include_prompt else {"include_prompt": False})}
 
     def fingerprint(self) -> str:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
@@ -117,6 +120,22 @@ class TokenPolicy:
     def prompt(self, role: str | None) -> str:
         """The prompt of `role` ("query", "document"; None: none)."""
         return {QUERY: self.query_prompt, DOCUMENT: self.document_prompt, None: ""}[role]
+
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens of `prompt` at the start of every text it prompts, as sentence-transformers counts them for
+        `include_prompt: false`: the prompt tokenised alone (special tokens, cased), less a last special token
+        (the [SEP] or EOS that ends it alone); 0 for no prompt.  A prompt whose last token merges with the text's
+        first (byte-level BPE: "Query: " + "a" -> "Query", ":", " a") is counted as sentence-transformers does."""
+        if not prompt:
+            return 0
+        values, _ = self.token_ids([self.case(prompt)])
+        special = set(getattr(self.tokenizer, "all_special_ids", ()) or ())
+        return len(values) - int(bool(len(values)) and int(values[-1]) in special)
+
+    def left_out(self, role: str | None) -> int:
+        """Tokens the pooling leaves out at the start of each text of `role`: its prompt's (`prompt_length`)
+        under `include_prompt: false`, else 0."""
+        return 0 if self.include_prompt else self.prompt_length(self.prompt(role))
 
     def case(self, text: str) -> str:
         """The text as it goes into the tokenizer (after its prompt): lower-cased when do_lower_case."""
@@ -170,13 +189,18 @@ class TokenPolicy:
         return values, lengths
 
     def batch(self, texts: list[str], role: str | None = None) -> dict[str, torch.Tensor]:
-        """`texts` tokenised and padded as one batch: {"input_ids", "attention_mask"}, (n, longest) int64."""
+        """`texts` tokenised and padded as one batch: {"input_ids", "attention_mask"}, (n, longest) int64, and
+        under `include_prompt: false` with a prompt, "prompt_lengths" (n,) int64 (the Encoder's argument)."""
         import torch
 
         values, lengths = self.tokenise(texts, role)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         ids, mask = pad_tokens(values, starts, lengths, self.pad_token_id, self.padding_side)
-        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        prompt = self.left_out(role)
+        if prompt:
+            out["prompt_lengths"] = torch.full((len(texts),), prompt, dtype=torch.int64)
+        return out
 
 
 def tokenizer_state(tokenizer) -> str:
@@ -351,12 +375,14 @@ def decoder_tokenizer(tokenizer, config) -> list[str]:
 
 
 def load_policy(model: str, max_length: int, trust_remote_code: bool = False, pooling: str = "",
-                query_prompt: str | None = None, document_prompt: str | None = None) -> TokenPolicy:
+                query_prompt: str | None = None, document_prompt: str | None = None,
+                include_prompt: bool | None = None) -> TokenPolicy:
     """The TokenPolicy a run of this model would use (tokenizer and sentence-transformers files only)."""
     from mnr.model import pipeline_choices
 
     _, pipeline, tokenizer = load_tokenizer(model, trust_remote_code, log=False)
-    chosen = dataclasses.replace(pipeline, **pipeline_choices(pipeline, pooling, query_prompt, document_prompt))
+    chosen = dataclasses.replace(pipeline, **pipeline_choices(pipeline, pooling, query_prompt, document_prompt,
+                                                             include_prompt))
     return TokenPolicy.of(tokenizer, max_length, chosen)
 
 
@@ -387,9 +413,9 @@ class Backbone:
     @classmethod
     def load(cls, model: str, max_length: int = 128, trust_remote_code: bool = False, dtype=None,
              pooling: str = "", query_prompt: str | None = None, document_prompt: str | None = None,
-             length_buckets: int = 1, bidirectional: bool = False) -> "Backbone":
-        """A hub id or local directory ('' = the embedded MiniLM) with the run's pooling and prompts (each None /
-        '' = the base's own); ModelError, one line naming the file, when its files do not agree.  bidirectional:
+             length_buckets: int = 1, bidirectional: bool = False, include_prompt: bool | None = None) -> "Backbone":
+        """A hub id or local directory ('' = the embedded MiniLM) with the run's pooling, prompts and include_prompt
+        (each None / '' = the base's own); ModelError, one line naming the file, when its files do not agree.  bidirectional:
         a decoder attends without its causal mask (`mnr.decoder.set_bidirectional`; ModelError where it cannot)."""
         from safetensors import SafetensorError  # a truncated or overwritten weights file
         from transformers import AutoModel
@@ -412,17 +438,18 @@ class Backbone:
                 raise ModelError(str(err)) from None
         encoder = Encoder(transformer, length_buckets, pipeline, _take_out_pooler(transformer))
         backbone = cls(encoder, tokenizer, TokenPolicy.of(tokenizer, max_length, pipeline), path)
-        backbone.choose(pooling, query_prompt, document_prompt)
+        backbone.choose(pooling, query_prompt, document_prompt, include_prompt)
         return backbone
 
-    def choose(self, pooling: str = "", query_prompt: str | None = None, document_prompt: str | None = None) -> None:
-        """The run's pooling and prompts (see mnr.model.choose_pipeline); the policy follows."""
+    def choose(self, pooling: str = "", query_prompt: str | None = None, document_prompt: str | None = None,
+               include_prompt: bool | None = None) -> None:
+        """The run's pooling, prompts and include_prompt (see mnr.model.choose_pipeline); the policy follows."""
         from mnr.model import choose_pipeline
 
-        choose_pipeline(self.encoder, pooling, query_prompt, document_prompt)
+        choose_pipeline(self.encoder, pooling, query_prompt, document_prompt, include_prompt)
         pipe = self.encoder.pipeline
         self.policy = dataclasses.replace(self.policy, query_prompt=pipe.query_prompt,
-                                          document_prompt=pipe.document_prompt)
+                                          document_prompt=pipe.document_prompt, include_prompt=pipe.include_prompt)
 
     def wrap_transformer(self, fn: Callable[[nn.Module], nn.Module]) -> None:
         """Replace the transformer by `fn(transformer)` (an adapter wrapping it), before the model is prepared."""
@@ -445,8 +472,9 @@ class Backbone:
     def tokenise(self, texts: list[str], role: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         return self.policy.tokenise(texts, role)
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(input_ids, attention_mask)
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encoder(input_ids, attention_mask, prompt_lengths)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Collective (every process calls it): the export's full weights, the transformer's and the base's

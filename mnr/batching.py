@@ -324,14 +324,20 @@ class Collator:
     has fewer: every process must then pass a mask, or the gathers would not match).
     An empty slot is not embedded: the batch then also carries "row_index" ((2 + k) * B,), which row of
     input_ids each role-major row is (an empty slot names its positive's row), and the encoder's output is
-    indexed with it before the loss; without empty slots in the batch there is no row_index."""
+    indexed with it before the loss; without empty slots in the batch there is no row_index.
+    `left_out` ((n_sources, 2) ints: the query's and the document's prompt tokens the pooling leaves out, per
+    source; `sources` the source of each example, None: one source): the batch also carries "prompt_lengths"
+    (rows,), each row's (include_prompt: false)."""
 
     def __init__(self, token_ids, text_ids: np.ndarray, pad_token_id: int, negatives_per_query: int | None = None,
-                 masked: bool = False, seed: int = 0, padding_side: str = "right"):
+                 masked: bool = False, seed: int = 0, padding_side: str = "right", left_out=None,
+                 sources: np.ndarray | None = None):
         self.token_ids = token_ids
         self.text_ids = text_ids if isinstance(text_ids, np.ndarray) else np.asarray(text_ids)
         self.pad_token_id, self.padding_side = pad_token_id, padding_side
         self.k, self.masked, self.seed, self.epoch = negatives_per_query, masked, seed, 0
+        self.left_out = None if left_out is None else np.asarray(left_out, dtype=np.int64).reshape(-1, 2)
+        self.sources = None if sources is None else np.asarray(sources, dtype=np.int64)
 
     def for_epoch(self, epoch: int) -> "Collator":
         """This collator drawing the negatives of `epoch`."""
@@ -346,9 +352,10 @@ class Collator:
         if self.k is not None:
             chosen, valid = choose_negatives(chosen, example_indices, self.k, self.seed, self.epoch)
         rows = chosen.T.reshape(-1)  # role-major: all anchors, then positives, then 1st negatives ...
-        row_index = None
+        row_index, kept = None, slice(None)
         if valid is not None and not valid.all():  # empty slots: embed their positive once, not again per slot
-            rows, row_index = _without_empty_slots(rows, valid)
+            kept, row_index = _without_empty_slots(valid)
+            rows = rows[kept]
         offsets = self.token_ids.offsets
         starts = np.asarray(offsets[rows])
         input_ids, mask = pad_tokens(self.token_ids.tokens, starts, np.asarray(offsets[rows + 1]) - starts,
@@ -359,18 +366,27 @@ class Collator:
             batch["negative_mask"] = torch.from_numpy(valid)
         if row_index is not None:
             batch["row_index"] = torch.from_numpy(row_index)
+        if self.left_out is not None:
+            batch["prompt_lengths"] = torch.from_numpy(self._prompt_lengths(example_indices, chosen.shape[1])[kept])
         return batch
 
+    def _prompt_lengths(self, example_indices: np.ndarray, n_roles: int) -> np.ndarray:
+        """((n_roles * B,) role-major) the prompt tokens each row's pooling leaves out: its source's query
+        prompt's for an anchor, its document prompt's for a positive or negative."""
+        source = np.zeros(len(example_indices), np.int64) if self.sources is None else self.sources[example_indices]
+        per_role = self.left_out[source]  # (B, 2): query, document
+        return np.concatenate([per_role[:, 0]] + [per_role[:, 1]] * (n_roles - 1))
 
-def _without_empty_slots(rows: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Role-major text ids of a batch ((2 + k) * B,) with the empty negative slots ((B, k) `valid` False) left
-    out, and for every original row its position among those left: an empty slot of example b points at the
-    row of b's positive (B + b), which is what the slot held."""
+
+def _without_empty_slots(valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which role-major rows of a batch ((2 + k) * B,) are kept when the empty negative slots ((B, k) `valid`
+    False) are left out, and for every original row its position among those kept: an empty slot of example b
+    points at the row of b's positive (B + b), which is what the slot held."""
     b = valid.shape[0]
     keep = np.concatenate([np.ones(2 * b, dtype=bool), valid.T.reshape(-1)])
     position = np.cumsum(keep) - 1
-    positive = b + np.arange(len(rows)) % b
-    return rows[keep], np.where(keep, position, positive).astype(np.int64)
+    positive = b + np.arange(len(keep)) % b
+    return keep, np.where(keep, position, positive).astype(np.int64)
 
 
 class _Indices(torch.utils.data.Dataset):

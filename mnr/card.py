@@ -25,6 +25,7 @@ on what, the scores, and how to load the model with sentence-transformers and wi
     matryoshka_dims     list  embedding sizes trained at once (Matryoshka); the usage shows truncate_dim
     do_lower_case       bool                                 }
     query_prompt        str   put before queries ("" none)   }
+    include_prompt      bool  False: the prompt's tokens are left out of the pooling }
     document_prompt     str   put before documents           }
     path                str   where the model is (hub id or directory) for the loading snippets; without it
                               they say "<path>" and the card explains what to put there
@@ -50,8 +51,9 @@ POOLING_CODE = {
     mask = attention_mask.unsqueeze(-1).float()
     return (last_hidden_state * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)''',
     "cls": '''def pool(last_hidden_state, attention_mask):
-    """The embedding of the first token ([CLS])."""
-    return last_hidden_state[:, 0]''',
+    """The embedding of each text's first token the mask marks ([CLS])."""
+    first = attention_mask.argmax(dim=1)
+    return last_hidden_state[torch.arange(last_hidden_state.shape[0]), first]''',
     "lasttoken": '''def pool(last_hidden_state, attention_mask):
     """The embedding of each text's last non-padding token (found by the mask: left or right padding)."""
     positions = torch.arange(attention_mask.shape[1])
@@ -120,7 +122,8 @@ def _summary(info: dict) -> str:
     dim = f"a {info['embedding_dim']}-dimensional vector" if info.get("embedding_dim") else "a vector"
     pooling = info.get("pooling", "mean")
     steps = [f"transformer (texts truncated to {info['max_seq_length']} tokens)" if info.get("max_seq_length")
-             else "transformer", POOLING_NAMES.get(pooling, f"{pooling} pooling")]
+             else "transformer", POOLING_NAMES.get(pooling, f"{pooling} pooling")
+             + ("" if info.get("include_prompt", True) else " (the prompt's tokens left out)")]
     if info.get("normalize"):
         steps.append("normalised to unit length")
     similarity = info.get("similarity_fn_name") or "cosine"
@@ -259,8 +262,15 @@ def _transformers_usage(info: dict, path: str, pooling: str, query: str) -> list
     if info.get("do_lower_case"):  # sentence-transformers lower-cases the text, prompt included
         texts = "[(prompt + s).lower() for s in sentences]" if query else "[s.lower() for s in sentences]"
     lines += [f"batch = tokenizer({texts}, padding=True, truncation=True{length}, return_tensors='pt')",
-              "with torch.no_grad():", "    output = model(**batch)",
-              "embeddings = pool(output.last_hidden_state, batch['attention_mask'])"]
+              "with torch.no_grad():", "    output = model(**batch)"]
+    mask = "batch['attention_mask']"
+    if query and not info.get("include_prompt", True):  # sentence-transformers' Pooling(include_prompt=False)
+        alone = "prompt.lower()" if info.get("do_lower_case") else "prompt"
+        lines += [f"ids = tokenizer({alone})['input_ids']  # the prompt alone, less the special token that ends it",
+                  "prompt_length = len(ids) - (ids[-1] in tokenizer.all_special_ids)",
+                  f"mask = {mask} * ({mask}.cumsum(dim=1) > prompt_length)  # the prompt's tokens left out"]
+        mask = "mask"
+    lines += [f"embeddings = pool(output.last_hidden_state, {mask})"]
     if info.get("normalize"):
         lines.append("embeddings = F.normalize(embeddings, p=2, dim=1)")
     lines += ["```", "", ("`output.pooler_output` is not the sentence embedding: mnr does not train the pooler head "

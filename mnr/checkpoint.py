@@ -60,10 +60,14 @@ def run_identity(cfg, world_size: int, model_path: str, train_spec: str, eval_sp
     # the config's loss fields as the objective states them (None: not a setting of it), then entries of its own
     settings.update(dict.fromkeys(OBJECTIVE_FIELDS) | (objective or objective_from_config(cfg)).identity())
     # pooling and prompts as the run uses them (a default follows the base model's sentence-transformers files)
-    settings.update(pipeline_choices(read_pipeline(model_path), cfg.pooling, cfg.query_prompt, cfg.document_prompt))
-    # the tokenizer as the run tokenises (its whole state, sides, pad token, lower-casing): a switch refuses to resume
+    choices = pipeline_choices(read_pipeline(model_path), cfg.pooling, cfg.query_prompt, cfg.document_prompt)
+    settings.update(choices)
+    del settings["include_prompt"]  # as the run pools: the policy's entry, below, where it leaves the prompt out
+    # the tokenizer as the run tokenises (its whole state, sides, pad token, lower-casing, the prompt left out of
+    # the pooling): a switch refuses to resume
     try:
-        settings.update(load_policy(model_path, cfg.max_seq_length, cfg.trust_remote_code).identity())
+        settings.update(load_policy(model_path, cfg.max_seq_length, cfg.trust_remote_code,
+                                    include_prompt=cfg.include_prompt).identity())
     except ModelError:  # no usable tokenizer: loading the model stops the run, with this message
         pass
     return {"world_size": world_size, **settings, "model_files": _model_hash(model_path),

@@ -111,8 +111,8 @@ def add_encoding_flags(parser: argparse.ArgumentParser, batch_size: int = 64) ->
 
 
 def add_model_flags(parser: argparse.ArgumentParser, renamed: dict[str, str] | None = None) -> None:
-    """--trust-remote-code, --query-prompt, --document-prompt and --pooling; the prompts and the pooling default
-    to the model's saved ones (mnr.model.choose_pipeline).  renamed: a deprecated spelling -> its flag here."""
+    """--trust-remote-code, --query-prompt, --document-prompt, --pooling and --include-prompt; each defaults to
+    the model's saved one (mnr.model.choose_pipeline).  renamed: a deprecated spelling -> its flag here."""
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow model repos that ship their own Python code (off: never run it)")
     for role, example in (("query", "query: "), ("document", "passage: ")):
@@ -124,6 +124,9 @@ def add_model_flags(parser: argparse.ArgumentParser, renamed: dict[str, str] | N
                                  + (f" ({', '.join(old)}: the same, deprecated)" if old else ""))
     parser.add_argument("--pooling", default="", choices=["", *POOLING_CHOICES],
                         help="override the model's saved pooling (default: the model's)")
+    parser.add_argument("--include-prompt", action=argparse.BooleanOptionalAction, default=None,
+                        help="whether the prompt's tokens count in the pooled embedding (default: the model's "
+                             "saved include_prompt, 1_Pooling/config.json)")
 
 
 def check_encoding_flags(args: argparse.Namespace) -> None:

@@ -83,6 +83,10 @@ class TrainConfig:
                              "mappings, e.g. '[{}, {\"query\": \"query: \", \"document\": \"passage: \"}]'; a key "
                              "left out takes --query-prompt / --document-prompt (used in training only: the saved "
                              "model and the evaluators take the global prompts)")
+    include_prompt: bool | None = _f(None, "whether the prompt's tokens count in the pooled embedding "
+                                     "(sentence-transformers' Pooling include_prompt); --no-include-prompt leaves "
+                                     "them out of mean (and cls) pooling, as Instructor and NV-Embed-style models do; "
+                                     "default: the base model's (true for a plain transformers model)")
     # LLM backbones and adapters
     lora_r: int = _f(0, "LoRA (needs peft: pip install 'mnr[lora]'): train a rank-r adapter on the transformer, "
                      "the base frozen; the export is the merged model (0: off, train every weight)")
@@ -365,7 +369,7 @@ HELP_GROUPS = {
     "data": ["train_data", "hard_negatives", "negatives_per_query", "source_sampling", "source_weights", "mix_sources",
              "max_seq_length", "cache_dir"],
     "model": ["model", "trust_remote_code", "pooling", "query_prompt", "document_prompt",
-              "source_prompts"],
+              "source_prompts", "include_prompt"],
     "LLM backbones and adapters": ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_adapter",
                                    "save_adapter", "gradient_checkpointing", "bidirectional", "save_dtype"],
     "optimisation": ["batch_size", "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",

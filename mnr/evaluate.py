@@ -101,9 +101,9 @@ def _length_batches(texts: list[str], batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def _embed_batches(backbone, texts: list[str], batches: list[list[int]], max_seq_length: int,
-                   device) -> torch.Tensor | None:
+                   device, role: str | None = None) -> torch.Tensor | None:
     """Float32 CPU embeddings of the given batches of text indices, concatenated in batch order (None if none);
-    tokenised and padded as the backbone's TokenPolicy says, cut at max_seq_length."""
+    tokenised (with the prompt of `role`) and padded as the backbone's TokenPolicy says, cut at max_seq_length."""
     if not batches:
         return None
     encoder, policy = backbone.encoder, backbone.policy.at_length(max_seq_length)
@@ -112,8 +112,8 @@ def _embed_batches(backbone, texts: list[str], batches: list[list[int]], max_seq
     encoder.eval()
     out = []
     for idx in batches:
-        batch = policy.batch([texts[i] for i in idx])
-        out.append(encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
+        batch = {k: v.to(device) for k, v in policy.batch([texts[i] for i in idx], role).items()}
+        out.append(encoder(batch["input_ids"], batch["attention_mask"], batch.get("prompt_lengths")).float().cpu())
     encoder.train(was_training)
     return torch.cat(out)
 
@@ -126,11 +126,12 @@ def _in_item_order(batches: list[list[int]], rows: torch.Tensor) -> torch.Tensor
 
 
 def encode(backbone, texts: list[str], max_seq_length: int = 128, batch_size: int = 64,
-           device: torch.device | str | None = None) -> torch.Tensor:
-    """(n, d) float32 embeddings (not normalised) of `texts` as given (prompts put in by `with_prompt`) in input
-    order, on this process alone; batches sorted by length.  `backbone`: a mnr.backbone.Backbone."""
+           device: torch.device | str | None = None, role: str | None = None) -> torch.Tensor:
+    """(n, d) float32 embeddings (not normalised) of `texts` as queries or documents (`role`: the policy puts
+    its prompt first; None: as given) in input order, on this process alone; batches sorted by length (a prompt
+    in front does not change the order).  `backbone`: a mnr.backbone.Backbone."""
     batches = _length_batches(texts, batch_size)
-    return _in_item_order(batches, _embed_batches(backbone, texts, batches, max_seq_length, device))
+    return _in_item_order(batches, _embed_batches(backbone, texts, batches, max_seq_length, device, role))
 
 
 def sharded(batches: list[list[int]], compute: Callable[[list[list[int]]], torch.Tensor | None]) -> torch.Tensor:
@@ -151,16 +152,17 @@ def sharded(batches: list[list[int]], compute: Callable[[list[list[int]]], torch
 
 
 def encode_sharded(backbone, texts: list[str], max_seq_length: int = 128, batch_size: int = 64,
-                   device: torch.device | str | None = None) -> torch.Tensor:
+                   device: torch.device | str | None = None, role: str | None = None) -> torch.Tensor:
     """`encode`, with the batches shared out over all processes (every process must call it); each gets all
     (n, d) embeddings, the same as `encode` on one process (same batches, so the same padding)."""
     return sharded(_length_batches(texts, batch_size),
-                   lambda mine: _embed_batches(backbone, texts, mine, max_seq_length, device))
+                   lambda mine: _embed_batches(backbone, texts, mine, max_seq_length, device, role))
 
 
 def with_prompt(backbone, texts: list[str], role: str) -> list[str]:
     """`texts` with the policy's prompt of `role` ("query" or "document") in front (as the training store did;
-    the lower-casing, when the policy has it, comes with the tokenising)."""
+    the lower-casing, when the policy has it, comes with the tokenising).  `encode(..., role=)` puts it in
+    itself and also leaves its tokens out of the pooling under include_prompt: false."""
     prompt = backbone.policy.prompt(role)
     return [prompt + text for text in texts] if prompt else texts
 
@@ -182,7 +184,7 @@ def sts_spearman(backbone, data: STSData, max_seq_length: int = 128, batch_size:
 def _sts_embeddings(backbone, data: STSData, max_seq_length: int, batch_size: int,
                     encode_fn: Callable) -> tuple[list[str], torch.Tensor]:
     texts = list(dict.fromkeys(data.sentences1 + data.sentences2))
-    return texts, encode_fn(backbone, with_prompt(backbone, texts, "query"), max_seq_length, batch_size)
+    return texts, encode_fn(backbone, texts, max_seq_length, batch_size, role="query")
 
 
 def _spearman_of(texts: list[str], emb: torch.Tensor, data: STSData) -> float:
@@ -247,8 +249,8 @@ class RetrievalEvaluator(Evaluator):
 
     def by_dim(self, backbone) -> dict[int | None, dict[str, float]]:
         args = (self.max_seq_length, self.batch_size)
-        queries = encode_sharded(backbone, with_prompt(backbone, self.data.queries, "query"), *args)
-        docs = encode_sharded(backbone, with_prompt(backbone, self.data.corpus, "document"), *args)
+        queries = encode_sharded(backbone, self.data.queries, *args, role="query")
+        docs = encode_sharded(backbone, self.data.corpus, *args, role="document")
         device = next(backbone.encoder.parameters()).device
         return {dim: self._rank(cut(queries, dim), cut(docs, dim).to(device), device) for dim in (None, *self.dims)}
 
@@ -401,7 +403,7 @@ def _setup(args) -> tuple[list[Evaluator], object]:
         raise ConfigError("--data none: nothing to evaluate")
     backbone = Backbone.load(args.checkpoint, args.max_seq_length or 128, args.trust_remote_code,
                              pooling=args.pooling, query_prompt=args.query_prompt,
-                             document_prompt=args.document_prompt)
+                             document_prompt=args.document_prompt, include_prompt=args.include_prompt)
     max_seq_length = check_fits(args.max_seq_length, backbone.encoder)
     width = getattr(backbone.config, "hidden_size", None)
     for ev in evaluators:

@@ -43,22 +43,25 @@ def cached_loss_and_backward(
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     no_sync: Callable[[torch.nn.Module], object] | None = None,
+    prompt_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Accumulate into the parameters' .grad the gradient of loss_fn(model(rows)) and return the loss.
 
     loss_fn maps all rows' embeddings (n, d) to the scalar loss (train_step: the objective bound to the step's rows
     and gather; it may gather across processes).
     no_sync(model) (DDP's, via Accelerate) wraps all chunks' backward but the last, so gradients are
-    all-reduced once per step.
+    all-reduced once per step.  prompt_lengths (n,): the model's third argument, split with the rows.
     """
-    chunks = [trim_padding(ids, mask) for ids, mask in zip(input_ids.split(mini_batch_size),
-                                                            attention_mask.split(mini_batch_size))]
+    lengths = [None] * -(-input_ids.shape[0] // mini_batch_size) if prompt_lengths is None else \
+        prompt_lengths.split(mini_batch_size)
+    chunks = [(*trim_padding(ids, mask), pl) for ids, mask, pl in zip(input_ids.split(mini_batch_size),
+                                                                     attention_mask.split(mini_batch_size), lengths)]
     # Step 1, embed without a graph: each chunk's embeddings, remembering its RNG state for the replay.
     states, reps = [], []
     with torch.no_grad():
-        for ids, mask in chunks:
+        for chunk in chunks:
             states.append(RandState())
-            reps.append(model(ids, mask))
+            reps.append(_forward(model, *chunk))
     # Step 2, build the cache: the loss on the detached embeddings and its gradient w.r.t. them.
     reps_t = torch.cat(reps).detach().requires_grad_()
     loss = loss_fn(reps_t)
@@ -66,9 +69,14 @@ def cached_loss_and_backward(
     grads = reps_t.grad.split(mini_batch_size)
     # Step 3, forward-backward chunk by chunk: replay each chunk with a graph under its RNG state and
     # backpropagate the cached gradient into the parameters.
-    for i, ((ids, mask), state, grad) in enumerate(zip(chunks, states, grads)):
+    for i, (chunk, state, grad) in enumerate(zip(chunks, states, grads)):
         sync_ctx = no_sync(model) if (no_sync is not None and i < len(chunks) - 1) else nullcontext()
         with sync_ctx, state:
-            emb = model(ids, mask)
+            emb = _forward(model, *chunk)
             backward((emb * grad).sum())  # surrogate whose gradient is the cached d(loss)/d(emb) chain-ruled
     return loss.detach()
+
+
+def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+             prompt_lengths: torch.Tensor | None) -> torch.Tensor:
+    return model(ids, mask) if prompt_lengths is None else model(ids, mask, prompt_lengths)

@@ -372,16 +372,16 @@ def _encoder_embed(args, device):
     pooling are the model's saved ones unless given."""
     from mnr.backbone import DOCUMENT, QUERY, Backbone
     from mnr.cli import check_fits
-    from mnr.evaluate import encode_sharded, with_prompt
+    from mnr.evaluate import encode_sharded
 
     backbone = Backbone.load(args.model, args.max_seq_length or 128, args.trust_remote_code, pooling=args.pooling,
-                             query_prompt=args.query_prompt, document_prompt=args.document_prompt)
+                             query_prompt=args.query_prompt, document_prompt=args.document_prompt,
+                             include_prompt=args.include_prompt)
     max_seq_length = check_fits(args.max_seq_length, backbone.encoder)
     backbone.encoder.to(device)
 
     def embed(role: str) -> Embed:
-        return lambda texts: encode_sharded(backbone, with_prompt(backbone, texts, role), max_seq_length,
-                                            args.batch_size, device)
+        return lambda texts: encode_sharded(backbone, texts, max_seq_length, args.batch_size, device, role)
 
     return embed(QUERY), embed(DOCUMENT)
 

@@ -61,8 +61,10 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: i
 
 
 def cls_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(n, T, d) token states -> (n, d) state of the first token ([CLS]; the tokenizers pad on the right)."""
-    return token_embeddings[:, 0].to(torch.float32)
+    """(n, T, d) token states -> (n, d) state of each row's first token the mask marks ([CLS] under right
+    padding; the first token after the prompt where the prompt is left out), as sentence-transformers' `cls`."""
+    first = attention_mask.to(torch.int8).argmax(dim=1)  # (n,) index of the first 1 of each row
+    return token_embeddings[torch.arange(token_embeddings.shape[0], device=first.device), first].to(torch.float32)
 
 
 def last_token_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -76,6 +78,16 @@ def last_token_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor
 POOLINGS = {"mean": mean_pool, "cls": cls_pool, "lasttoken": last_token_pool}
 
 
+def without_prompt(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor | None) -> torch.Tensor:
+    """The pooling mask of `include_prompt: false`: (n, T) mask without each row's first `prompt_lengths[i]`
+    real tokens (the prompt's, counted from the first real token: either padding side), as sentence-transformers'
+    Pooling leaves them out; the mask itself when `prompt_lengths` is None."""
+    if prompt_lengths is None:
+        return attention_mask
+    seen = attention_mask.cumsum(dim=1)  # (n, T) real tokens up to and including each column
+    return attention_mask * (seen > prompt_lengths.to(seen.device)[:, None]).to(attention_mask.dtype)
+
+
 @dataclass
 class Pipeline:
     """The sentence-transformers pipeline around the transformer, as the base model defines it (modules.json,
@@ -87,7 +99,7 @@ class Pipeline:
     normalize: bool = False  # a Normalize module follows the pooling: embeddings have unit length
     max_seq_length: int | None = None  # the base's truncation for sentence-transformers (None: not given)
     do_lower_case: bool = False
-    include_prompt: bool = True  # Pooling: prompt tokens count in the pooled embedding
+    include_prompt: bool = True  # Pooling: prompt tokens count in the pooled embedding (False: left out)
     prompts: dict = field(default_factory=dict)  # the base's prompts, name -> text
     default_prompt_name: str | None = None
     query_prompt: str = ""  # put before every query (training anchors, evaluation queries and STS sentences)
@@ -118,12 +130,14 @@ class Encoder(nn.Module):
     def config(self):
         return self.transformer.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(n, T) ids and mask -> (n, d).  With length_buckets = k > 1 the rows are sorted by length and run
-        through the transformer in k chunks, each cut to its own longest row: the same embeddings (the
-        padding a chunk drops is masked anyway) for fewer padded tokens."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, T) ids and mask -> (n, d); `prompt_lengths` (n,): each row's prompt tokens, left out of the pooling
+        (`without_prompt`; the batch carries them under `include_prompt: false`).  With length_buckets = k > 1 the
+        rows are sorted by length and run through the transformer in k chunks, each cut to its own longest row:
+        the same embeddings (the padding a chunk drops is masked anyway) for fewer padded tokens."""
         if self.length_buckets <= 1 or input_ids.shape[0] < 2 * self.length_buckets:
-            return self._embed(input_ids, attention_mask)
+            return self._embed(input_ids, attention_mask, prompt_lengths)
         lengths = attention_mask.sum(dim=1)
         order = torch.argsort(lengths)
         chunks = order.chunk(self.length_buckets)
@@ -133,14 +147,16 @@ class Encoder(nn.Module):
         left_padded = (attention_mask[:, 0] == 0).any().to(lengths.dtype)
         *widths, left = torch.stack([lengths[idx].max() for idx in chunks] + [left_padded]).tolist()
         if left:
-            return self._embed(input_ids, attention_mask)
-        parts = [self._embed(*trim_padding(input_ids[idx], attention_mask[idx], w)) for idx, w in zip(chunks, widths)]
+            return self._embed(input_ids, attention_mask, prompt_lengths)
+        parts = [self._embed(*trim_padding(input_ids[idx], attention_mask[idx], w),
+                             None if prompt_lengths is None else prompt_lengths[idx]) for idx, w in zip(chunks, widths)]
         return torch.cat(parts)[torch.argsort(order)]  # back to input order
 
-    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
         extra = {"position_ids": position_ids(attention_mask)} if self.positions else {}
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        return POOLINGS[self.pipeline.pooling](hidden, attention_mask)
+        return POOLINGS[self.pipeline.pooling](hidden, without_prompt(attention_mask, prompt_lengths))
 
 
 def resolve_model_path(model: str) -> str:
@@ -265,28 +281,30 @@ def read_pipeline(path: str) -> Pipeline:
 
 
 def pipeline_choices(base: Pipeline, pooling: str = "", query_prompt: str | None = None,
-                     document_prompt: str | None = None) -> dict:
-    """The run's pooling and prompts: each given one, else the base model's ('' / None = not given)."""
+                     document_prompt: str | None = None, include_prompt: bool | None = None) -> dict:
+    """The run's pooling, prompts and whether the prompt tokens count in the pooling: each given one, else the
+    base model's ('' / None = not given)."""
     return {"pooling": pooling or base.pooling,
             "query_prompt": base.query_prompt if query_prompt is None else query_prompt,
-            "document_prompt": base.document_prompt if document_prompt is None else document_prompt}
+            "document_prompt": base.document_prompt if document_prompt is None else document_prompt,
+            "include_prompt": base.include_prompt if include_prompt is None else bool(include_prompt)}
 
 
 def choose_pipeline(encoder: Encoder, pooling: str = "", query_prompt: str | None = None,
-                    document_prompt: str | None = None) -> None:
-    """Set the run's pooling and prompts on the encoder (see `pipeline_choices`); a pooling other than the
-    base's own sentence-transformers pooling is allowed, with a warning."""
+                    document_prompt: str | None = None, include_prompt: bool | None = None) -> None:
+    """Set the run's pooling, prompts and include_prompt on the encoder (see `pipeline_choices`); a pooling
+    other than the base's own sentence-transformers pooling is allowed, with a warning, and so is leaving the
+    prompt out of a last-token pooling (where it changes nothing), with another."""
     base = encoder.pipeline
     if pooling and pooling not in POOLINGS:
         raise ModelError(f"pooling={pooling!r} is invalid: allowed: {', '.join(POOLINGS)}")
-    choices = pipeline_choices(base, pooling, query_prompt, document_prompt)
+    choices = pipeline_choices(base, pooling, query_prompt, document_prompt, include_prompt)
     if pooling and base.base_pooling and pooling != base.base_pooling:
         logger.warning("pooling=%r differs from the base model's own %r pooling (%s): the base was trained "
                        "for its own", pooling, base.base_pooling, base.base_model)
-    if (choices["query_prompt"] or choices["document_prompt"]) and not base.include_prompt:
-        raise ModelError(f"model={base.base_model!r} pools without its prompt tokens (include_prompt: false), "
-                         f"which mnr does not implement; train it without prompts (--query-prompt '' "
-                         f"--document-prompt '')")
+    if include_prompt is False and choices["pooling"] == "lasttoken":
+        logger.warning("include_prompt=False changes nothing under lasttoken pooling: the last token is never "
+                       "the prompt's")
     encoder.pipeline = dataclasses.replace(base, **choices)
 
 
@@ -369,7 +387,8 @@ def save_model(encoder: Encoder, tokenizer, out_dir: str | os.PathLike, max_seq_
     facts = {"base_model": pipe.base_model, "pooling": pipe.pooling, "normalize": pipe.normalize,
              "max_seq_length": seq_len, "embedding_dim": encoder.config.hidden_size,
              "similarity_fn_name": pipe.similarity_fn_name, "do_lower_case": pipe.do_lower_case,
-             "query_prompt": pipe.query_prompt, "document_prompt": pipe.document_prompt}
+             "query_prompt": pipe.query_prompt, "document_prompt": pipe.document_prompt,
+             "include_prompt": pipe.include_prompt}
     if policy is not None:  # what the run tokenised with
         facts.update(do_lower_case=policy.do_lower_case, query_prompt=policy.query_prompt,
                      document_prompt=policy.document_prompt)

@@ -38,6 +38,7 @@ from mnr.objectives import Objective, Rows, objective_from_config
 from mnr.reporting import LogWindow, MetricsLog, Progress, Stopped, StopRequest, plural, setup_logging
 from mnr.rundir import OutputDirError, mark_finished, open_output_dir, release_locks, write_marker
 from mnr.store import Prompts, Team, prepare_train_store
+from mnr.store import per_source as per_source_prompts
 
 logger = logging.getLogger("mnr")
 MAX_SKIPPED_SHARE = 0.25  # --skip-nonfinite: stop once more than this share of the run's steps was skipped
@@ -208,10 +209,12 @@ def train_step(t: Trainer, batch: dict) -> torch.Tensor:
     def loss_of(embeddings: torch.Tensor) -> torch.Tensor:
         return t.objective(embeddings, rows, gather, rank)
 
+    prompts = batch.get("prompt_lengths")  # include_prompt: false: the prompt tokens each row's pooling leaves out
+    prompts = None if prompts is None else prompts.to(t.accelerator.device, non_blocking=True)
     if t.cfg.mini_batch_size:  # GradCache: chunks of mini_batch_size rows, the gradient of the whole batch
         return cached_loss_and_backward(t.model, input_ids, attention_mask, t.cfg.mini_batch_size, loss_of,
-                                        t.accelerator.backward, None if t.sharded else t.accelerator.no_sync)
-    loss = loss_of(t.model(input_ids, attention_mask))  # one forward over all roles
+                                        t.accelerator.backward, None if t.sharded else t.accelerator.no_sync, prompts)
+    loss = loss_of(t.model(input_ids, attention_mask, *([] if prompts is None else [prompts])))  # all roles at once
     t.accelerator.backward(loss)
     return loss
 
@@ -382,7 +385,8 @@ def _nonfinite(t: Trainer) -> list[str]:
 def _setup_model(cfg: TrainConfig, model_path: str) -> Backbone:
     backbone = Backbone.load(model_path, cfg.max_seq_length, cfg.trust_remote_code, pooling=cfg.pooling,
                              query_prompt=cfg.query_prompt, document_prompt=cfg.document_prompt,
-                             length_buckets=cfg.length_buckets, bidirectional=cfg.bidirectional)
+                             length_buckets=cfg.length_buckets, bidirectional=cfg.bidirectional,
+                             include_prompt=cfg.include_prompt)
     backbone.save_dtype = cfg.save_dtype or None
     if cfg.lora_r or cfg.lora_adapter:
         from mnr.lora import LoraSettings, apply_lora, load_adapter, trainable_line
@@ -428,7 +432,10 @@ def _setup_data(cfg: TrainConfig, train_spec: str, policy, accelerator, prompts:
                                  cfg.weights, cfg.source_sampling, data.source_names)
     if len(data.source_names) > 1:
         logger.info("%s", sources_line(cfg, sampler, data.sources, data.source_names))
-    collator = Collator(data.token_ids, data.text_ids, policy.pad_token_id, k, masked, cfg.seed, policy.padding_side)
+    left_out = None if policy.include_prompt else [
+        [policy.prompt_length(p) for p in pair] for pair in per_source_prompts(prompts, len(sources))]
+    collator = Collator(data.token_ids, data.text_ids, policy.pad_token_id, k, masked, cfg.seed, policy.padding_side,
+                        left_out, data.sources)
     return sampler, collator, len(data), data.stats.summary()
 
 

@@ -81,7 +81,7 @@ def test_the_store_the_evaluators_and_mine_lower_case_as_sentence_transformers_d
     want = backbone.tokenizer([t.lower() for t in UPPER[:2]], truncation=True, max_length=32)["input_ids"]
     assert [store.token_ids[int(t)].tolist() for t in store.text_ids[0]] == want  # the training store
     args = type("Args", (), dict(model=str(cased_model), max_seq_length=32, batch_size=8, trust_remote_code=False,
-                                 pooling="", query_prompt=None, document_prompt=None))()
+                                 pooling="", query_prompt=None, document_prompt=None, include_prompt=None))()
     queries, _ = _encoder_embed(args, torch.device("cpu"))
     assert (queries(UPPER) - theirs).abs().max() < 1e-5  # mnr.mine
 

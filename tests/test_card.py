@@ -72,14 +72,18 @@ def test_scores_are_rounded_and_settings_tabled():
 
 
 @pytest.mark.parametrize("pipeline", [{"pooling": "mean", "normalize": False}, {"pooling": "cls", "normalize": True},
-                                      {"pooling": "lasttoken", "normalize": True, "prompts": ("query: ", "doc: ")}])
+                                      {"pooling": "lasttoken", "normalize": True, "prompts": ("query: ", "doc: ")},
+                                      {"pooling": "mean", "normalize": True, "prompts": ("query: ", "doc: "),
+                                       "include_prompt": False},
+                                      {"pooling": "cls", "normalize": False, "prompts": ("represent this: ", ""),
+                                       "include_prompt": False}])
 def test_both_snippets_load_the_export_and_give_the_trainers_embeddings(tiny_model, tmp_path, pipeline):
-    from mnr.evaluate import encode, with_prompt
+    from mnr.evaluate import encode
     from mnr.model import save_model
 
     backbone = Backbone.load(str(tiny_model))
     encoder, tok = backbone.encoder, backbone.tokenizer
-    backbone.choose(pipeline["pooling"], *pipeline.get("prompts", ("", "")))
+    backbone.choose(pipeline["pooling"], *pipeline.get("prompts", ("", "")), pipeline.get("include_prompt"))
     encoder.pipeline.normalize = pipeline["normalize"]
     out = tmp_path / "out"
     save_model(encoder, tok, out, 32, card={"steps": 1})
@@ -92,7 +96,8 @@ def test_both_snippets_load_the_export_and_give_the_trainers_embeddings(tiny_mod
         results.append(torch.as_tensor(scope["embeddings"]))
     card = (out / "README.md").read_text()
     assert f"pooling: {pipeline['pooling']}" in card and ("prompt_name=\"query\"" in card) == ("prompts" in pipeline)
-    ours = encode(backbone, with_prompt(backbone, scope["sentences"], "query"), max_seq_length=32)
+    assert ("prompt's tokens left out" in card) == (pipeline.get("include_prompt") is False)
+    ours = encode(backbone, scope["sentences"], max_seq_length=32, role="query")
     if pipeline["normalize"]:
         ours = torch.nn.functional.normalize(ours, dim=-1)
     for got in results:

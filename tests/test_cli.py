@@ -133,7 +133,7 @@ def test_mine_defaults_to_the_models_saved_prompts_and_pooling_and_prompt_is_a_d
     real = mnr.evaluate.encode_sharded
 
     def spy(backbone, texts, *args):
-        seen.extend(texts)
+        seen.extend(backbone.policy.texts(texts, args[-1]))  # what is tokenised: the role's prompt + text
         poolings.append(backbone.pipeline.pooling)
         return real(backbone, texts, *args)
 

@@ -163,7 +163,7 @@ def test_command_k_columns_jsonl_and_prompts(tmp_path, tiny_model, monkeypatch):
     real = mnr.evaluate.encode_sharded
 
     def spy(backbone, texts, *args):
-        seen.extend(texts)
+        seen.extend(backbone.policy.texts(texts, args[-1]))  # what is tokenised: the role's prompt + text
         return real(backbone, texts, *args)
 
     monkeypatch.setattr(mnr.evaluate, "encode_sharded", spy)

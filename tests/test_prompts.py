@@ -122,12 +122,14 @@ def test_default_pooling_and_prompts_follow_the_base_and_an_override_warns(tiny_
     assert (encoder.pipeline.pooling, encoder.pipeline.query_prompt, encoder.pipeline.document_prompt) == \
         ("mean", "", "doc: ")
     plain = pipeline_choices(read_pipeline(str(tiny_model)))
-    assert plain == {"pooling": "mean", "query_prompt": "", "document_prompt": ""}
+    assert plain == {"pooling": "mean", "query_prompt": "", "document_prompt": "", "include_prompt": True}
     with pytest.raises(ModelError, match="pooling='max' is invalid"):
         choose_pipeline(encoder, "max")
-    encoder.pipeline.include_prompt = False
-    with pytest.raises(ModelError, match="include_prompt: false"):
-        choose_pipeline(encoder, "", "query: ")
+    encoder.pipeline.include_prompt = False  # a base that leaves its prompt out keeps doing so; a flag overrides
+    choose_pipeline(encoder, "", "query: ")
+    assert encoder.pipeline.include_prompt is False
+    choose_pipeline(encoder, "", "query: ", include_prompt=True)
+    assert encoder.pipeline.include_prompt is True
 
 
 def test_evaluators_prompt_queries_and_documents_and_both_sts_sides_with_the_query_prompt(tiny_model, tmp_path):
