@@ -61,3 +61,69 @@ def test_the_objective_is_float32_under_bf16_autocast(objective, n_roles):
     assert loss.dtype == torch.float32 and set(gathered) == {torch.float32}
     assert float(loss) == pytest.approx(float(loss_and_grad(half.float(), autocast=False)[0]), abs=1e-6)
 
+
+# --- one LoRA run with an instruction prompt from YAML and an STS eval set ---------------------------------------
+
+def sts_rows(n: int = 24) -> list[list[str]]:
+    from conftest import WORDS
+
+    return [[f"a dog {WORDS[i % len(WORDS)]} {i} runs", f"a dog {WORDS[(i * 5) % len(WORDS)]} is running {i}",
+             str(float(i % 6))] for i in range(n)]
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def lora_export(tmp_path_factory):
+    """A tiny Qwen2 trained with LoRA (the adapter saved too), the instruction prompt given in YAML (double
+    quotes: a real newline), evaluated on an STS file; the log lines of the run."""
+    pytest.importorskip("peft")
+    root = tmp_path_factory.mktemp("gaps")
+    train = write_tsv(root / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows(12))
+    sts = write_tsv(root / "sts.tsv", ["sentence1", "sentence2", "score"], sts_rows())
+    config = root / "run.yaml"
+    config.write_text(YAML_PROMPT, encoding="utf-8")
+    out, lines = root / "out", Lines()
+    logging.getLogger("mnr").addHandler(lines)
+    try:
+        rc = main(train_args(cached_decoder("qwen2"), train, out, "--config", str(config), "--max-steps", "3",
+                             "--lr", "1e-2", "--eval-data", str(sts), "--max-seq-length", "96", "--lora-r", "4",
+                             "--lora-alpha", "8", "--save-adapter", "--cache-dir", str(root / "cache")))
+    finally:
+        logging.getLogger("mnr").removeHandler(lines)
+    assert rc == 0
+    return out, sts, lines.lines
+
+
+def test_a_yaml_instruction_prompt_keeps_its_newline_into_the_export_and_the_card(lora_export, tmp_path):
+    from mnr.config import parse_config
+
+    out, _, _ = lora_export
+    config = tmp_path / "c.yaml"
+    config.write_text(YAML_PROMPT, encoding="utf-8")
+    assert parse_config(["--config", str(config)]).query_prompt == PROMPT
+    assert json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]["query"] == PROMPT
+    assert repr(PROMPT) in (out / "README.md").read_text()  # the card's snippets spell it as Python
+
+
+def test_a_typed_backslash_n_in_a_prompt_flag_is_a_newline_in_every_command():
+    from mnr.config import parse_config
+    from mnr.evaluate import build_parser as evaluate_parser
+    from mnr.mine import build_parser as mine_parser
+
+    typed = r"Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: "
+    assert "\\" in typed and "\n" not in typed  # what bash's single quotes pass: a backslash and an n
+    cfg = parse_config(["--query-prompt", typed, "--document-prompt", r"passage\n"])
+    assert (cfg.query_prompt, cfg.document_prompt) == (PROMPT, "passage\n")
+    assert evaluate_parser().parse_args(["m", "--query-prompt", typed]).query_prompt == PROMPT
+    assert mine_parser().parse_args(["d", "--output", "o.tsv", "--prompt", typed]).query_prompt == PROMPT
+    assert "a \\n typed in the flag is a newline" in " ".join(evaluate_parser().format_help().split())
+
+
