@@ -127,3 +127,109 @@ def test_a_typed_backslash_n_in_a_prompt_flag_is_a_newline_in_every_command():
     assert "a \\n typed in the flag is a newline" in " ".join(evaluate_parser().format_help().split())
 
 
+# --- the merged export without peft -----------------------------------------------------------------------------
+
+NO_PEFT = r"""
+import json, sys
+sys.modules["peft"] = None  # `import peft` fails, and transformers' is_peft_available() says False
+try:
+    import peft  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("peft is importable")
+import torch
+from sentence_transformers import SentenceTransformer
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import is_peft_available
+
+assert not is_peft_available()
+path, texts = sys.argv[1], json.loads(sys.argv[2])
+model, tokenizer = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+with torch.no_grad():  # one text at a time: no padding; the last token is the EOS the tokenizer appends
+    hf = [model(**tokenizer(t, return_tensors="pt")).last_hidden_state[0, -1].tolist() for t in texts]
+st = SentenceTransformer(path, device="cpu").encode(texts).tolist()
+print(json.dumps({"hf": hf, "st": st, "peft": sys.modules.get("peft") is not None}))
+"""
+
+
+def test_the_merged_export_loads_and_embeds_as_training_with_no_peft_installed(lora_export):
+    from mnr.backbone import Backbone
+    from mnr.evaluate import encode
+
+    out, _, _ = lora_export
+    ours = encode(Backbone.load(str(out)), TEXTS, max_seq_length=96)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}  # not even mnr on the path
+    done = subprocess.run([sys.executable, "-c", NO_PEFT, str(out), json.dumps(TEXTS)], capture_output=True,
+                          text=True, env=env, cwd=out.parent, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["peft"] is False
+    for name in ("hf", "st"):
+        assert float((torch.tensor(got[name]) - ours).abs().max()) < 1e-5, name
+
+
+def test_lora_without_peft_is_one_line_naming_the_install(tmp_path, monkeypatch, capsys):
+    from mnr.lora import INSTALL
+
+    monkeypatch.setitem(sys.modules, "peft", None)
+    train = write_tsv(tmp_path / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows(8))
+    rc = main(train_args(cached_decoder("qwen2"), train, tmp_path / "out", "--max-steps", "1", "--eval-data",
+                         "none", "--lora-r", "4", "--cache-dir", str(tmp_path / "cache")))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: {INSTALL}" in err.splitlines() and "Traceback" not in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+# --- the export gives the score training logged -------------------------------------------------------------
+
+def test_the_export_in_sentence_transformers_scores_what_training_logged(lora_export):
+    import numpy as np
+    from scipy.stats import spearmanr
+    from sentence_transformers import SentenceTransformer
+
+    out, sts, _ = lora_export
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "sts/spearman" in r][-1]
+    assert final["step"] == 3
+    rows = sts_rows()
+    model = SentenceTransformer(str(out), device="cpu")
+    assert model.prompts["query"] == PROMPT
+    a, b = (model.encode([r[i] for r in rows], prompt_name="query", normalize_embeddings=True) for i in (0, 1))
+    score = 100 * spearmanr((a * b).sum(axis=1), np.array([float(r[2]) for r in rows])).statistic
+    assert score == pytest.approx(final["sts/spearman"], abs=1e-4)
+    bare = model.encode([r[0] for r in rows], normalize_embeddings=True)
+    assert float(np.abs(bare - a).max()) > 1e-3  # the prompt is part of what was measured
+
+
+# --- the log's count of trainable parameters ---------------------------------------------------------------
+
+def test_the_log_counts_the_adapters_parameters_as_trainable(lora_export):
+    import re
+
+    from safetensors.torch import load_file
+
+    out, _, lines = lora_export
+    found = [m for line in lines if (m := re.search(r"trainable parameters: ([\d,]+) of ([\d,]+) \((\d+\.\d\d)%\)",
+                                                      line))]
+    assert len(found) == 1
+    trainable, total = (int(found[0].group(i).replace(",", "")) for i in (1, 2))
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    base = load_file(str(cached_decoder("qwen2") / "model.safetensors"))
+    assert trainable == sum(t.numel() for t in adapter.values()) > 0
+    assert total == trainable + sum(t.numel() for t in base.values())
+    assert found[0].group(3) == f"{100 * trainable / total:.2f}"
+
+
+# --- --bidirectional refused through the command line ------------------------------------------------------
+
+def test_bidirectional_is_refused_in_one_line_naming_the_model_type(tiny_model, tmp_path, capsys):
+    train = write_tsv(tmp_path / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows(8))
+    rc = main(train_args(tiny_model, train, tmp_path / "out", "--max-steps", "1", "--eval-data", "none",
+                         "--bidirectional", "--cache-dir", str(tmp_path / "cache")))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: --bidirectional is for decoders; model type 'bert' already attends both ways"]
+
+
