@@ -233,3 +233,23 @@ def test_bidirectional_is_refused_in_one_line_naming_the_model_type(tiny_model, 
         "error: --bidirectional is for decoders; model type 'bert' already attends both ways"]
 
 
+# --- an adapter to start from enters the run identity by its content ----------------------------------------
+
+def test_a_resume_after_the_start_adapter_changed_is_refused_naming_it(lora_export, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out, _, _ = lora_export
+    adapter = shutil.copytree(out / "adapter", tmp_path / "adapter")
+    train = write_tsv(tmp_path / "nli.tsv", ["premise", "hypothesis", "label"], nli_rows(8))
+    args = train_args(cached_decoder("qwen2"), train, tmp_path / "run", "--max-steps", "2", "--save-steps", "1",
+                      "--eval-data", "none", "--lora-adapter", str(adapter), "--cache-dir", str(tmp_path / "cache"))
+    assert main(args) == 0
+    assert main(args + ["--resume", "auto"]) == 0  # the same adapter: the same run
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v * 2 for k, v in load_file(str(weights)).items()}, str(weights))  # retrained in place
+    capsys.readouterr()
+    assert main(args + ["--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "lora_adapter_files" in err and "another run" in err and "Traceback" not in err
