@@ -70,7 +70,9 @@ def run_identity(cfg, world_size: int, model_path: str, train_spec: str, eval_sp
                                     include_prompt=cfg.include_prompt).identity())
     except ModelError:  # no usable tokenizer: loading the model stops the run, with this message
         pass
-    return {"world_size": world_size, **settings, "model_files": _model_hash(model_path),
+    # an adapter to start from enters by content too (a run without one has no such key)
+    adapter = {"lora_adapter_files": _model_hash(cfg.lora_adapter, "adapter_config.json")} if cfg.lora_adapter else {}
+    return {"world_size": world_size, **settings, "model_files": _model_hash(model_path), **adapter,
             "train_data_files": _sources_hash(train_spec), "eval_data_files": _sources_hash(eval_spec)}
 
 
@@ -92,14 +94,14 @@ def _sources_hash(spec: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _model_hash(model_path: str) -> str:
-    """A local model directory: config.json and the weights (whole files up to 1 GiB, else header, size and
-    mtime); a hub id: the id."""
+def _model_hash(model_path: str, config_file: str = "config.json") -> str:
+    """A local model (or adapter) directory: its `config_file` and the weights (whole files up to 1 GiB, else
+    header, size and mtime); a hub id: the id."""
     root = Path(model_path)
     digest = hashlib.sha256(str(model_path).encode())
     if not root.is_dir():
         return digest.hexdigest()[:16]
-    for f in sorted(root.glob("*.safetensors")) + [root / "config.json"]:
+    for f in sorted(root.glob("*.safetensors")) + [root / config_file]:
         if not f.is_file():
             continue
         digest.update(f.name.encode())

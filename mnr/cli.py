@@ -113,15 +113,18 @@ def add_encoding_flags(parser: argparse.ArgumentParser, batch_size: int = 64) ->
 def add_model_flags(parser: argparse.ArgumentParser, renamed: dict[str, str] | None = None) -> None:
     """--trust-remote-code, --query-prompt, --document-prompt, --pooling and --include-prompt; each defaults to
     the model's saved one (mnr.model.choose_pipeline).  renamed: a deprecated spelling -> its flag here."""
+    from mnr.config import TYPED_NEWLINE, typed_text
+
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow model repos that ship their own Python code (off: never run it)")
     for role, example in (("query", "query: "), ("document", "passage: ")):
         flag = f"--{role}-prompt"
         old = {o: n for o, n in (renamed or {}).items() if n == flag}
         parser.add_argument(flag, *old, dest=f"{role}_prompt", default=None, action=_Renamed, renamed=old,
+                            type=typed_text,
                             help=f"text put before every {role} (e.g. {example!r}); default: the model's saved "
-                                 f"{role!r} prompt (config_sentence_transformers.json), if any; '' for none"
-                                 + (f" ({', '.join(old)}: the same, deprecated)" if old else ""))
+                                 f"{role!r} prompt (config_sentence_transformers.json), if any; '' for none; "
+                                 f"{TYPED_NEWLINE}" + (f" ({', '.join(old)}: the same, deprecated)" if old else ""))
     parser.add_argument("--pooling", default="", choices=["", *POOLING_CHOICES],
                         help="override the model's saved pooling (default: the model's)")
     parser.add_argument("--include-prompt", action=argparse.BooleanOptionalAction, default=None,

@@ -41,6 +41,16 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+# the prompt flags' rule, shared with mnr.evaluate and mnr.mine
+TYPED_NEWLINE = "a \\n typed in the flag is a newline (e.g. 'Instruct: ...\\nQuery: '; YAML: as YAML reads it)"
+
+
+def typed_text(text: str) -> str:
+    """A prompt as typed on a command line: the two characters \\n (what a shell's single quotes keep) are a newline,
+    as FlagEmbedding reads its instruction flags; a YAML config's value is taken as YAML reads it."""
+    return text.replace("\\n", "\n")
+
+
 @dataclass
 class TrainConfig:
     # data and model
@@ -75,10 +85,12 @@ class TrainConfig:
                       "sentence-transformers pooling, mean for a plain transformers model")
     query_prompt: str | None = _f(None, "text put before every query (the anchor column; evaluation queries and "
                                   "STS sentences) before tokenising, counted in --max-seq-length, e.g. 'query: '; "
-                                  "default: the base model's 'query' prompt if it has one; '' for none")
+                                  "default: the base model's 'query' prompt if it has one; '' for none; "
+                                  + TYPED_NEWLINE, flag_type=typed_text)
     document_prompt: str | None = _f(None, "text put before every document (positives, negatives, a retrieval "
                                      "corpus), e.g. 'passage: '; default: the base model's 'document' (or "
-                                     "'passage') prompt if it has one; '' for none")
+                                     "'passage') prompt if it has one; '' for none; " + TYPED_NEWLINE,
+                                     flag_type=typed_text)
     source_prompts: str = _f("", "per-source prompts, one entry per --train-data source, as a JSON/YAML list of "
                              "mappings, e.g. '[{}, {\"query\": \"query: \", \"document\": \"passage: \"}]'; a key "
                              "left out takes --query-prompt / --document-prompt (used in training only: the saved "
@@ -418,7 +430,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             if kind is bool:
                 group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
             else:
-                group.add_argument(flag, dest=name, type=kind, help=help_text, metavar=name.upper())
+                group.add_argument(flag, dest=name, type=f.metadata.get("flag_type", kind), help=help_text,
+                                   metavar=name.upper())
     return parser
 
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from mnr.decoder import as_float32, float32_math
 from mnr.loss import Gather, mnr_loss, no_gather, split_roles
 
 
@@ -41,11 +42,14 @@ class Objective:
 
     def __call__(self, embeddings: torch.Tensor, rows: Rows, gather: Gather = no_gather,
                  rank: int = 0) -> torch.Tensor:
-        """embeddings: (n, d), the forward over the rows of `rows`; gather and rank as in `mnr_loss`."""
+        """embeddings: (n, d), the forward over the rows of `rows`; gather and rank as in `mnr_loss`.  The
+        similarities, the gathered candidates and the loss are float32 whatever the embeddings' dtype and under
+        an outer autocast (bf16 mixed precision): autocast is off in here."""
         if rows.row_index is not None:  # empty negative slots were not embedded: they take their positive's row
             embeddings = embeddings[rows.row_index]
-        roles = split_roles(embeddings, rows.n_roles)
-        return self.loss(roles[0], roles[1], roles[2:], rows.negative_mask, gather, rank)
+        with float32_math(embeddings.device.type):
+            roles = split_roles(as_float32(embeddings), rows.n_roles)
+            return self.loss(roles[0], roles[1], roles[2:], rows.negative_mask, gather, rank)
 
     def loss(self, anchors: torch.Tensor, positives: torch.Tensor, negatives: Sequence[torch.Tensor],
              negative_mask: torch.Tensor | None, gather: Gather, rank: int) -> torch.Tensor:
