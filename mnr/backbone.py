@@ -2,14 +2,15 @@
 
 `Backbone` = the Encoder (transformer + pooling, mnr/model.py), its fast tokenizer and its `TokenPolicy`:
   * loading: the base's pooler head kept aside, dtype, trust_remote_code, checks that the model's files agree
-    (tokenizer and embedding matrix, config and weights, the JSON files), and `wrap_transformer(fn)`, where
-    adapters wrap the transformer before the model is prepared;
+    (tokenizer and embedding matrix, config and weights, the JSON files), and `adapt(...)` (through
+    `wrap_transformer(fn)`), where a LoRA adapter and gradient checkpointing go on before the model is prepared;
   * the tokenisation policy (`TokenPolicy`): how a text with a role (query or document) becomes token ids and how
     a batch of them is padded.  The token store, the collator, the evaluators, `mnr.mine`, the card and the run
     identity ask it; none of them reads the tokenizer's settings itself;
   * pooling (the Encoder's forward);
   * the collective export: `state_dict()` and `export(path)` are called on every process; the full weights are
-    gathered there (where parameters are sharded), and the main process writes.
+    gathered there (where parameters are sharded), and only the main process builds and writes them;
+  * `describe()`: the card's rows of what was trained and how it is exported.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # torch is imported where a model is: the token store, which 
     import torch
     from torch import nn
 
+    from mnr.lora import LoraSettings
     from mnr.model import Encoder, Pipeline
 
 logger = logging.getLogger(__name__)
@@ -409,6 +411,10 @@ class Backbone:
         self.encoder, self.tokenizer, self.policy, self.path = encoder, tokenizer, policy, path
         self.prepared: nn.Module | None = None  # the encoder as Accelerate wrapped it (`attach`)
         self.save_dtype: str | None = None  # the export's weights: 'float32' / 'bfloat16' (None: as they are)
+        self.save_adapter = False  # the export also writes the adapter alone, into adapter/
+        self.bidirectional = False  # a decoder attending without its causal mask (`load`)
+        self.adapter_dir = ""  # the saved adapter training started from (`adapt`)
+        self.checkpointing = False  # gradient checkpointing on (`adapt`)
 
     @classmethod
     def load(cls, model: str, max_length: int = 128, trust_remote_code: bool = False, dtype=None,
@@ -438,6 +444,7 @@ class Backbone:
                 raise ModelError(str(err)) from None
         encoder = Encoder(transformer, length_buckets, pipeline, _take_out_pooler(transformer))
         backbone = cls(encoder, tokenizer, TokenPolicy.of(tokenizer, max_length, pipeline), path)
+        backbone.bidirectional = bidirectional
         backbone.choose(pooling, query_prompt, document_prompt, include_prompt)
         return backbone
 
@@ -456,6 +463,50 @@ class Backbone:
         if self.prepared is not None:
             raise RuntimeError("wrap_transformer after the model was prepared")
         self.encoder.transformer = fn(self.encoder.transformer)
+
+    def adapt(self, lora: LoraSettings | None = None, adapter_dir: str = "", gradient_checkpointing: bool = False
+              ) -> str:
+        """Before the model is prepared: a LoRA adapter on the transformer, the one saved in `adapter_dir` (trained
+        on) or else a fresh one of `lora` (mnr.lora; LoraError without peft), then non-reentrant gradient
+        checkpointing (mnr.checkpointing; ValueError where the model has none).  Returns the adapter's log line
+        (how many parameters train), '' without an adapter."""
+        line = ""
+        if lora is not None or adapter_dir:
+            from mnr.lora import apply_lora, load_adapter, trainable_line
+
+            self.wrap_transformer(lambda t: load_adapter(t, adapter_dir) if adapter_dir else apply_lora(t, lora))
+            self.adapter_dir = adapter_dir
+            line = f"LoRA {f'from {adapter_dir}' if adapter_dir else lora.describe()}: {trainable_line(self.encoder)}"
+        if gradient_checkpointing:
+            from mnr.checkpointing import enable_gradient_checkpointing
+            from mnr.lora import is_lora
+
+            enable_gradient_checkpointing(self.encoder.transformer, lora=is_lora(self.encoder.transformer))
+            self.checkpointing = True
+        return line
+
+    def describe(self) -> dict:
+        """The card's rows of the adapter (its settings; the export merged), gradient checkpointing, the
+        attention and the export dtype (none for a plain model)."""
+        from mnr.lora import is_lora
+
+        transformer, rows = self.encoder.transformer, {}
+        if is_lora(transformer):
+            config = transformer.peft_config[transformer.active_adapter]
+            targets = config.target_modules
+            targets = targets if isinstance(targets, str) else ",".join(sorted(targets))
+            rows["LoRA adapter"] = (f"r={config.r}, alpha={config.lora_alpha}, dropout={config.lora_dropout}, "
+                                    f"target_modules={targets}"
+                                    + (f", started from {self.adapter_dir}" if self.adapter_dir else ""))
+            alone = "; the adapter alone in adapter/" if self.save_adapter else ""
+            rows["weights"] = f"merged (base + adapter){alone}"
+        if self.checkpointing:
+            rows["gradient checkpointing"] = "non-reentrant"
+        if self.bidirectional:
+            rows["attention"] = "bidirectional (causal mask off)"
+        if self.save_dtype:
+            rows["export dtype"] = self.save_dtype
+        return rows
 
     def attach(self, prepared: nn.Module) -> None:
         """The encoder as Accelerate prepared it (the one the collective export gathers from)."""
@@ -477,19 +528,23 @@ class Backbone:
         return self.encoder(input_ids, attention_mask, prompt_lengths)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective (every process calls it): the export's full weights, the transformer's and the base's
-        pooler head's.  Whole parameters (DDP: the prepared model shares the encoder's): the same on every
-        process; a sharded encoder (mnr.sharding) gathers them onto the main process's CPU ({} elsewhere).  Under
-        a LoRA adapter: the merged weights, with the base's key names (`mnr.lora.merged_state_dict`; sharded:
-        `merge_gathered` of the gathered state).  In `save_dtype`."""
-        from mnr import sharding
+        """Collective (every process calls it): the export's full weights on the main process, the transformer's
+        and the base's pooler head's; {} elsewhere.  Whole parameters (DDP: the prepared model shares the
+        encoder's) are read by the main process alone (a merged or cast copy is built once), its error raised on
+        every process (`distributed.run_on_main`); a sharded encoder (mnr.sharding) gathers them onto the main
+        process's CPU.  Under a LoRA adapter: the merged weights, with the base's key names
+        (`mnr.lora.merged_state_dict`; sharded: `merge_gathered` of the gathered state).  In `save_dtype`."""
+        from mnr import distributed, sharding
         from mnr.decoder import cast_state_dict
         from mnr.lora import is_lora, merge_gathered, merged_state_dict
 
         transformer = self.encoder.transformer
         if not sharding.is_sharded(self.encoder):
-            weights = merged_state_dict(transformer) if is_lora(transformer) else transformer.state_dict()
-            return cast_state_dict({**weights, **self.encoder.unused_weights}, self.save_dtype)
+            def whole() -> dict[str, torch.Tensor]:
+                weights = merged_state_dict(transformer) if is_lora(transformer) else transformer.state_dict()
+                return cast_state_dict({**weights, **self.encoder.unused_weights}, self.save_dtype)
+
+            return distributed.run_on_main(whole) or {}
         full = sharding.full_state_dict(self.encoder)
         if not full:  # not the main process
             return {}
@@ -501,10 +556,11 @@ class Backbone:
     def export(self, path: str | os.PathLike, max_seq_length: int | None = None, card: dict | None = None,
                then: Callable[[Path], None] | None = None, stage: Callable | None = None) -> None:
         """Collective (every process calls it): the model in HF + sentence-transformers layout with a model card
-        (mnr.model.save_model), written by the main process into `path`, or into the directory that `stage()`
-        (a context manager, e.g. mnr.atomic.atomic_dir) yields there; then `then(dir)`.  A failure of the write
-        is raised on every process."""
+        (mnr.model.save_model), and the adapter alone in adapter/ when `save_adapter`, written by the main process
+        into `path`, or into the directory that `stage()` (a context manager, e.g. mnr.atomic.atomic_dir) yields
+        there; then `then(dir)`.  A failure of the write is raised on every process."""
         from mnr import distributed
+        from mnr.lora import save_adapter
         from mnr.model import save_model
 
         state = self.state_dict()
@@ -513,6 +569,8 @@ class Backbone:
             with stage() if stage is not None else contextlib.nullcontext(Path(path)) as target:
                 save_model(self.encoder, self.tokenizer, target, max_seq_length, card, state=state,
                            policy=self.policy, dtype=self.save_dtype)
+                if self.save_adapter:
+                    save_adapter(self.encoder.transformer, Path(target) / "adapter", self.pipeline.base_model)
                 if then is not None:
                     then(Path(target))
 

@@ -30,6 +30,7 @@ from mnr.data import DataError, check_sources, split_specs
 from mnr.evaluate import Evaluator, build_evaluators, metric_choices
 from mnr.gradcache import cached_loss_and_backward
 from mnr.launch import LaunchError, make_accelerator
+from mnr.lora import LoraSettings
 from mnr.loss import no_gather
 from mnr.matryoshka import label, record_dims
 from mnr.backbone import Backbone
@@ -70,6 +71,7 @@ class Trainer:
     state: TrainState
     out: Path
     total_steps: int
+    warmup_steps: int  # of the learning-rate schedule
     examples: int
     data_stats: str  # what happened to every row read (kept / skipped, by reason)
     gather: bool  # score against the candidates of every process
@@ -310,11 +312,10 @@ def setup(cfg: TrainConfig) -> Trainer:
         accelerator.init_trackers("mnr", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     world = accelerator.num_processes
     t = Trainer(cfg=cfg, accelerator=accelerator, model=model, backbone=backbone, optimizer=optimizer,
-                scheduler=scheduler, sampler=sampler, collator=collator, evaluators=evaluators,
-                best_metric=best_metric,
+                scheduler=scheduler, sampler=sampler, collator=collator, evaluators=evaluators, best_metric=best_metric,
                 metrics=MetricsLog(accelerator, out / "metrics.jsonl"), state=TrainState(run_identity=identity),
-                out=out, total_steps=total_steps, examples=examples, data_stats=data_stats, k=k,
-                gather=cfg.gather_negatives if cfg.gather_negatives is not None else world > 1,
+                out=out, total_steps=total_steps, warmup_steps=warmup_steps, examples=examples, data_stats=data_stats,
+                k=k, gather=cfg.gather_negatives if cfg.gather_negatives is not None else world > 1,
                 objective=objective, sharded=sharded)
     if resume_from is not None:
         t.state = _resume(t, *resume_from)
@@ -387,21 +388,11 @@ def _setup_model(cfg: TrainConfig, model_path: str) -> Backbone:
                              query_prompt=cfg.query_prompt, document_prompt=cfg.document_prompt,
                              length_buckets=cfg.length_buckets, bidirectional=cfg.bidirectional,
                              include_prompt=cfg.include_prompt)
-    backbone.save_dtype = cfg.save_dtype or None
-    if cfg.lora_r or cfg.lora_adapter:
-        from mnr.lora import LoraSettings, apply_lora, load_adapter, trainable_line
-
-        settings = None if cfg.lora_adapter else LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                                                              cfg.lora_target_modules)
-        backbone.wrap_transformer(lambda t: load_adapter(t, cfg.lora_adapter) if settings is None
-                                  else apply_lora(t, settings))
-        logger.info("LoRA %s: %s", f"from {cfg.lora_adapter}" if settings is None else settings.describe(),
-                    trainable_line(backbone.encoder))
-    if cfg.gradient_checkpointing:
-        from mnr.checkpointing import enable_gradient_checkpointing
-        from mnr.lora import is_lora
-
-        enable_gradient_checkpointing(backbone.encoder.transformer, lora=is_lora(backbone.encoder.transformer))
+    backbone.save_dtype, backbone.save_adapter = cfg.save_dtype or None, cfg.save_adapter
+    lora = (LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+            if cfg.lora_r and not cfg.lora_adapter else None)
+    if line := backbone.adapt(lora, cfg.lora_adapter, cfg.gradient_checkpointing):
+        logger.info("%s", line)
     encoder = backbone.encoder
     check_fits(cfg.max_seq_length, encoder, "max_seq_length")
     width = getattr(encoder.config, "hidden_size", None)
@@ -682,15 +673,8 @@ def export(t: Trainer, path: Path, scores: dict[str, float] | None = None, into:
     that becomes `path`), or into the dir `stage()` yields (a context manager on the main process)."""
     cfg = t.cfg
     user_length = cfg.max_seq_length if "max_seq_length" in cfg.given else None
-    # then: the Matryoshka sizes, for `mnr.evaluate` and the card's truncate_dim
-    def then(target: Path) -> None:
-        record_dims(target, cfg.dims)
-        if cfg.save_adapter:  # the adapter alone, beside the merged model
-            from mnr.lora import save_adapter
-
-            save_adapter(t.backbone.encoder.transformer, target / "adapter", t.backbone.pipeline.base_model)
-
-    t.backbone.export(into or path, user_length, card=_card_info(t, path, scores or {}), then=then, stage=stage)
+    t.backbone.export(into or path, user_length, card=_card_info(t, path, scores or {}), stage=stage,
+                      then=lambda target: record_dims(target, cfg.dims))  # for `mnr.evaluate`, the card's truncate_dim
 
 
 def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:
@@ -704,7 +688,7 @@ def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:
                 "max_seq_length (training)": cfg.max_seq_length, "epochs": cfg.epochs, "seed": cfg.seed}
     if cfg.mini_batch_size:
         settings["GradCache mini-batch"] = cfg.mini_batch_size
-    settings.update(_llm_rows(t))
+    settings.update(t.backbone.describe())  # adapter, checkpointing, attention, export dtype
     metrics: dict = {}
     for name in dict.fromkeys([*t.state.metrics_before, *scores]):
         evaluator, metric = name.split("/", 1)
@@ -714,29 +698,9 @@ def _card_info(t: Trainer, path: Path, scores: dict[str, float]) -> dict:
             else EMBEDDED_TRAIN_DATA)
     applied = t.state.global_step - t.state.skipped_steps  # optimizer steps taken (a skipped step takes none)
     return {**data, "matryoshka_dims": list(cfg.dims) or None,
-            "weights_unchanged": lr_steps(applied, math.ceil(cfg.warmup_ratio * t.total_steps)) == 0,
+            "weights_unchanged": lr_steps(applied, t.warmup_steps) == 0,
             "data_stats": t.data_stats, "examples": t.examples, "steps": t.state.global_step,
             "settings": settings, "metrics": metrics, "path": str(path)}
-
-
-def _llm_rows(t: Trainer) -> dict:
-    """The card's rows of an adapter, checkpointing, attention and export dtype (none for a plain run)."""
-    cfg, rows = t.cfg, {}
-    if cfg.lora_r or cfg.lora_adapter:
-        transformer = t.backbone.encoder.transformer
-        config = transformer.peft_config[transformer.active_adapter]
-        targets = config.target_modules
-        rows["LoRA adapter"] = (f"r={config.r}, alpha={config.lora_alpha}, dropout={config.lora_dropout}, "
-                                f"target_modules={targets if isinstance(targets, str) else ','.join(sorted(targets))}"
-                                + (f", started from {cfg.lora_adapter}" if cfg.lora_adapter else ""))
-        rows["weights"] = "merged (base + adapter)" + ("; the adapter alone in adapter/" if cfg.save_adapter else "")
-    if cfg.gradient_checkpointing:
-        rows["gradient checkpointing"] = "non-reentrant"
-    if cfg.bidirectional:
-        rows["attention"] = "bidirectional (causal mask off)"
-    if cfg.save_dtype:
-        rows["export dtype"] = cfg.save_dtype
-    return rows
 
 
 def save(t: Trainer) -> Path:

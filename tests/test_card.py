@@ -114,7 +114,8 @@ def test_weighted_sources_enter_the_front_matter_without_their_weight(tmp_path):
 
     cfg = TrainConfig(train_data="snli*3, glue/mnli, /data/a.tsv*2")
     run = SimpleNamespace(cfg=cfg, objective=objective_from_config(cfg), k=0, world=1, global_batch=32,
-                          negatives_per_anchor=31, state=TrainState(), data_stats="", examples=10, total_steps=1)
+                          negatives_per_anchor=31, state=TrainState(), data_stats="", examples=10, total_steps=1,
+                          warmup_steps=1, backbone=SimpleNamespace(describe=dict))
     info = _card_info(run, tmp_path, {})
     assert info["datasets"] == ["snli", "glue/mnli", "/data/a.tsv"]
     assert front_matter(model_card(info))["datasets"] == ["snli", "glue"]

@@ -189,3 +189,52 @@ def test_fsdp_export_merges_the_gathered_state_as_the_whole_model_does(bert_path
     changed = [k for k in want if k.endswith(".weight") and f"base_model.model.{k[:-7]}.base_layer.weight" in gathered]
     assert changed and all(not torch.equal(got[k], gathered[f"base_model.model.{k[:-7]}.base_layer.weight"])
                            for k in changed)
+
+
+def test_the_backbone_adapts_and_describes_what_the_card_says(bert_path, tmp_path):
+    from mnr.backbone import Backbone
+
+    backbone = Backbone.load(str(bert_path), 32)
+    line = backbone.adapt(LoraSettings(r=4, alpha=8), gradient_checkpointing=True)
+    assert line == f"LoRA {LoraSettings(r=4, alpha=8).describe()}: {trainable_line(backbone.encoder)}"
+    backbone.save_adapter, backbone.save_dtype = True, "bfloat16"
+    rows = backbone.describe()
+    assert rows.pop("LoRA adapter").startswith("r=4, alpha=8, dropout=0.0, target_modules=encoder.layer.0.")
+    assert rows == {"weights": "merged (base + adapter); the adapter alone in adapter/",
+                    "gradient checkpointing": "non-reentrant", "export dtype": "bfloat16"}
+    backbone.export(tmp_path / "out")
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    again = Backbone.load(str(bert_path), 32)
+    assert again.adapt(adapter_dir=str(tmp_path / "out" / "adapter")).startswith(f"LoRA from {tmp_path}")
+    assert again.describe()["LoRA adapter"].endswith(f", started from {tmp_path / 'out' / 'adapter'}")
+    assert Backbone.load(str(bert_path), 32).adapt() == "" and Backbone.load(str(bert_path), 32).describe() == {}
+
+
+def test_only_the_main_process_builds_the_merged_and_cast_export(bert_path, tmp_path, monkeypatch):
+    """Whole (unsharded) parameters: the other processes take part in the export but build no merged or cast
+    copy of the weights; a failure to build it on the main process is raised on every process."""
+    import mnr.decoder
+    import mnr.lora
+    from conftest import ThreadTeam
+    from mnr.backbone import Backbone
+    from test_collective import fake_world
+
+    backbone = Backbone.load(str(bert_path), 32)
+    backbone.adapt(LoraSettings(r=4, alpha=8))
+    backbone.save_dtype = "bfloat16"
+    team, built = ThreadTeam(2, timeout=20), []
+    fake_world(monkeypatch, team)
+    for module, name in [(mnr.lora, "merged_state_dict"), (mnr.decoder, "cast_state_dict")]:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name: built.append((team.local.rank, name))
+                            or real(*a))
+    assert team.run(lambda r: backbone.export(tmp_path / f"rank{r}")) == [None, None]
+    assert sorted(built) == [(0, "cast_state_dict"), (0, "merged_state_dict")]
+    assert (tmp_path / "rank0" / "model.safetensors").is_file() and not (tmp_path / "rank1").exists()
+
+    def broken(model):
+        raise LoraError("merge failed")
+
+    monkeypatch.setattr(mnr.lora, "merged_state_dict", broken)
+    errors = team.run(lambda r: backbone.export(tmp_path / f"again{r}"))
+    assert [type(e) for e in errors] == [LoraError, LoraError] and not (tmp_path / "again0").exists()
