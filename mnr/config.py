@@ -244,6 +244,11 @@ class TrainConfig:
              "needs an adapter to save: --lora-r R or --lora-adapter DIR")
         need(self.save_dtype in ("", "float32", "bfloat16"), "save_dtype",
              "allowed: float32, bfloat16 (or empty: the base model's)")
+        if self.lora_r or self.lora_adapter:  # before an output dir or a store is made
+            from mnr.lora import INSTALL, available
+
+            if not available():
+                raise ConfigError(INSTALL)
 
     def _sources_and_weights(self, need) -> tuple[tuple[str, ...], list[float] | None]:
         from mnr.data import DataError, weighted_specs

@@ -31,6 +31,15 @@ def _peft():
     return peft
 
 
+def available() -> bool:
+    """Whether peft imports (LoRA can run)."""
+    try:
+        _peft()
+    except LoraError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     r: int = 16  # rank of the update B @ A

@@ -178,7 +178,11 @@ def test_lora_without_peft_is_one_line_naming_the_install(tmp_path, monkeypatch,
                          "none", "--lora-r", "4", "--cache-dir", str(tmp_path / "cache")))
     err = capsys.readouterr().err
     assert rc == 2 and f"error: {INSTALL}" in err.splitlines() and "Traceback" not in err
-    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()  # refused before anything is made
+    from mnr.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="LoRA needs peft"):  # by the config's validation, before any launch
+        parse_config(["--lora-r", "4"])
 
 
 # --- the export gives the score training logged -------------------------------------------------------------
