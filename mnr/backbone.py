@@ -532,7 +532,7 @@ class Backbone:
         and the base's pooler head's; {} elsewhere.  Whole parameters (DDP: the prepared model shares the
         encoder's) are read by the main process alone (a merged or cast copy is built once), its error raised on
         every process (`distributed.run_on_main`); a sharded encoder (mnr.sharding) gathers them onto the main
-        process's CPU.  Under a LoRA adapter: the merged weights, with the base's key names
+        process's CPU, which merges and casts them (its error raised on every process too).  Under a LoRA adapter: the merged weights, with the base's key names
         (`mnr.lora.merged_state_dict`; sharded: `merge_gathered` of the gathered state).  In `save_dtype`."""
         from mnr import distributed, sharding
         from mnr.decoder import cast_state_dict
@@ -545,13 +545,15 @@ class Backbone:
                 return cast_state_dict({**weights, **self.encoder.unused_weights}, self.save_dtype)
 
             return distributed.run_on_main(whole) or {}
-        full = sharding.full_state_dict(self.encoder)
-        if not full:  # not the main process
-            return {}
-        own = {k.removeprefix("transformer."): v for k, v in full.items() if k.startswith("transformer.")}
-        if is_lora(transformer):  # gathered shards: merged from the full state dict
-            own = merge_gathered(transformer, own)
-        return cast_state_dict({**own, **self.encoder.unused_weights}, self.save_dtype)
+        full = sharding.full_state_dict(self.encoder)  # {} but on the main process
+
+        def gathered() -> dict[str, torch.Tensor]:
+            own = {k.removeprefix("transformer."): v for k, v in full.items() if k.startswith("transformer.")}
+            if is_lora(transformer):  # gathered shards: merged from the full state dict
+                own = merge_gathered(transformer, own)
+            return cast_state_dict({**own, **self.encoder.unused_weights}, self.save_dtype)
+
+        return distributed.run_on_main(gathered) or {}
 
     def export(self, path: str | os.PathLike, max_seq_length: int | None = None, card: dict | None = None,
                then: Callable[[Path], None] | None = None, stage: Callable | None = None) -> None:

@@ -238,3 +238,29 @@ def test_only_the_main_process_builds_the_merged_and_cast_export(bert_path, tmp_
     monkeypatch.setattr(mnr.lora, "merged_state_dict", broken)
     errors = team.run(lambda r: backbone.export(tmp_path / f"again{r}"))
     assert [type(e) for e in errors] == [LoraError, LoraError] and not (tmp_path / "again0").exists()
+
+
+def test_a_sharded_export_that_fails_to_merge_on_the_main_process_fails_on_every_process(bert_path, tmp_path,
+                                                                                        monkeypatch):
+    """Sharded parameters: the main process merges the gathered state alone; its failure must not leave the
+    others waiting in the export's collective."""
+    import mnr.lora
+    import mnr.sharding
+    from conftest import ThreadTeam
+    from mnr.backbone import Backbone
+    from test_collective import fake_world
+
+    backbone = Backbone.load(str(bert_path), 32)
+    backbone.adapt(LoraSettings(r=4, alpha=8))
+    team = ThreadTeam(2, timeout=20)
+    fake_world(monkeypatch, team)
+    full = {f"transformer.{k}": v for k, v in backbone.encoder.transformer.state_dict().items()}
+    monkeypatch.setattr(mnr.sharding, "is_sharded", lambda module: True)
+    monkeypatch.setattr(mnr.sharding, "full_state_dict", lambda module: full if team.local.rank == 0 else {})
+
+    def broken(model, state):
+        raise LoraError("merge failed")
+
+    monkeypatch.setattr(mnr.lora, "merge_gathered", broken)
+    errors = team.run(lambda r: backbone.export(tmp_path / f"rank{r}"))
+    assert [type(e) for e in errors] == [LoraError, LoraError] and not (tmp_path / "rank0").exists()
