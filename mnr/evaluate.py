@@ -436,7 +436,7 @@ def _evaluate(args) -> int:
             print(json.dumps(json_ready({
                 "model": args.checkpoint, "processes": distributed.world_size(), "pooling": pipe.pooling,
                 "query_prompt": pipe.query_prompt, "document_prompt": pipe.document_prompt,
-                "results": {label(ev.name, dim): {"kind": ev.kind, "main_metric": ev.main_metric,
+                "include_prompt": pipe.include_prompt, "results": {label(ev.name, dim): {"kind": ev.kind, "main_metric": ev.main_metric,
                                                    **({"dim": dim} if dim else {}), **res}
                             for ev, by_dim in zip(evaluators, results) for dim, res in by_dim.items()}}),
                 allow_nan=False))

@@ -144,3 +144,28 @@ def test_a_resume_that_switches_include_prompt_is_refused(tiny_model, tmp_path):
 
     assert identity_changes(identity(), identity("--no-include-prompt")) == ["include_prompt: None -> False"]
     assert identity_changes(identity(), identity("--include-prompt")) == []  # the base's own: the same run
+
+
+def test_the_evaluators_and_mnr_evaluate_score_what_sentence_transformers_scores(runs, sts_file, capsys):
+    from scipy.stats import spearmanr
+    from sentence_transformers import SentenceTransformer
+
+    from mnr.evaluate import build_evaluators
+    from mnr.evaluate import main as evaluate
+
+    _, out = runs
+    path = out["plain"]
+    (sts,) = build_evaluators(str(sts_file), max_seq_length=32)
+    ours = sts.scores(Backbone.load(str(path)))[f"{sts.name}/spearman"]
+    st = SentenceTransformer(str(path), device="cpu")
+    a, b = (st.encode(texts, prompt_name="query", normalize_embeddings=True)
+            for texts in (sts.data.sentences1, sts.data.sentences2))
+    assert ours == pytest.approx(100 * spearmanr((a * b).sum(axis=1), sts.data.scores).statistic, abs=1e-4)
+    included = sts.scores(Backbone.load(str(path), include_prompt=True))[f"{sts.name}/spearman"]
+    assert included != pytest.approx(ours, abs=1e-3)  # the prompt's tokens matter here
+    for flags, want, include in (([], ours, False), (["--include-prompt"], included, True)):
+        capsys.readouterr()
+        assert evaluate([str(path), "--data", str(sts_file), "--max-seq-length", "32", "--json", *flags]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        (result,) = printed["results"].values()
+        assert printed["include_prompt"] is include and result["spearman"] == pytest.approx(want, abs=1e-6)
