@@ -52,10 +52,10 @@ def cached_loss_and_backward(
     no_sync(model) (DDP's, via Accelerate) wraps all chunks' backward but the last, so gradients are
     all-reduced once per step.  prompt_lengths (n,): the model's third argument, split with the rows.
     """
-    lengths = [None] * -(-input_ids.shape[0] // mini_batch_size) if prompt_lengths is None else \
-        prompt_lengths.split(mini_batch_size)
-    chunks = [(*trim_padding(ids, mask), pl) for ids, mask, pl in zip(input_ids.split(mini_batch_size),
-                                                                     attention_mask.split(mini_batch_size), lengths)]
+    ids_chunks = input_ids.split(mini_batch_size)  # mini_batch_size: rows per chunk, or a list of them
+    lengths = [None] * len(ids_chunks) if prompt_lengths is None else prompt_lengths.split(mini_batch_size)
+    chunks = [(*trim_padding(ids, mask), pl) for ids, mask, pl in zip(ids_chunks, attention_mask.split(mini_batch_size),
+                                                                     lengths)]
     # Step 1, embed without a graph: each chunk's embeddings, remembering its RNG state for the replay.
     states, reps = [], []
     with torch.no_grad():
