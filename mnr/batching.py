@@ -337,6 +337,9 @@ class Collator:
         self.pad_token_id, self.padding_side = pad_token_id, padding_side
         self.k, self.masked, self.seed, self.epoch = negatives_per_query, masked, seed, 0
         self.left_out = None if left_out is None else np.asarray(left_out, dtype=np.int64).reshape(-1, 2)
+        # False: every slot is embedded, so every process's batch has (2 + k) * B rows (sharded parameters need
+        # the same forwards on every process: GradCache's chunks, the length buckets)
+        self.compact = True
         self.sources = None if sources is None else np.asarray(sources, dtype=np.int64)
 
     def for_epoch(self, epoch: int) -> "Collator":
@@ -353,7 +356,7 @@ class Collator:
             chosen, valid = choose_negatives(chosen, example_indices, self.k, self.seed, self.epoch)
         rows = chosen.T.reshape(-1)  # role-major: all anchors, then positives, then 1st negatives ...
         row_index, kept = None, slice(None)
-        if valid is not None and not valid.all():  # empty slots: embed their positive once, not again per slot
+        if self.compact and valid is not None and not valid.all():  # empty slots: embed their positive once
             kept, row_index = _without_empty_slots(valid)
             rows = rows[kept]
         offsets = self.token_ids.offsets

@@ -62,7 +62,7 @@ def run_identity(cfg, world_size: int, model_path: str, train_spec: str, eval_sp
     # pooling and prompts as the run uses them (a default follows the base model's sentence-transformers files)
     choices = pipeline_choices(read_pipeline(model_path), cfg.pooling, cfg.query_prompt, cfg.document_prompt)
     settings.update(choices)
-    del settings["include_prompt"]  # as the run pools: the policy's entry, below, where it leaves the prompt out
+    settings["include_prompt"] = None if choices["include_prompt"] else False  # in its place: None, the prompt pooled
     # the tokenizer as the run tokenises (its whole state, sides, pad token, lower-casing, the prompt left out of
     # the pooling): a switch refuses to resume
     try:

@@ -142,14 +142,20 @@ class Encoder(nn.Module):
         order = torch.argsort(lengths)
         chunks = order.chunk(self.length_buckets)
         # One host sync per forward: the chunk widths must be Python ints to slice.  A row whose first token is
-        # padding means padding on the left (a tokenizer with padding_side "left"): there cutting columns would
-        # shift the positions of the real tokens, so such a batch runs whole.
+        # padding means padding on the left (a tokenizer with padding_side "left"): each chunk then keeps its last
+        # columns where positions come from the mask (decoders), and all of them where the columns are the
+        # positions.  Either way the k chunks run: the same forwards on every process (sharded parameters).
         left_padded = (attention_mask[:, 0] == 0).any().to(lengths.dtype)
         *widths, left = torch.stack([lengths[idx].max() for idx in chunks] + [left_padded]).tolist()
-        if left:
-            return self._embed(input_ids, attention_mask, prompt_lengths)
-        parts = [self._embed(*trim_padding(input_ids[idx], attention_mask[idx], w),
-                             None if prompt_lengths is None else prompt_lengths[idx]) for idx, w in zip(chunks, widths)]
+
+        def cut(idx: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if not left:
+                return trim_padding(input_ids[idx], attention_mask[idx], width)
+            keep = slice(input_ids.shape[1] - width if self.positions else 0, None)
+            return input_ids[idx][:, keep], attention_mask[idx][:, keep]
+
+        parts = [self._embed(*cut(idx, w), None if prompt_lengths is None else prompt_lengths[idx])
+                 for idx, w in zip(chunks, widths)]
         return torch.cat(parts)[torch.argsort(order)]  # back to input order
 
     def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

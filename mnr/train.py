@@ -307,6 +307,7 @@ def setup(cfg: TrainConfig) -> Trainer:
     if cannot_move := schedule_warning(total_steps, warmup_steps):
         logger.warning("%s", cannot_move)
     model, optimizer, scheduler, sharded = _model_and_optimizer(cfg, accelerator, encoder, total_steps, warmup_steps)
+    collator.compact = not sharded  # sharded: the same rows, hence the same forwards, on every process
     backbone.attach(model)
     if distributed.is_main() and report_to != "none":
         accelerator.init_trackers("mnr", config={k: v for k, v in cfg.to_dict().items() if v is not None})

@@ -236,3 +236,25 @@ def test_cast_state_dict_casts_floating_tensors_only():
     assert cast_state_dict(state, None)["w"] is state["w"]
     with pytest.raises(ValueError, match="save_dtype='int8'"):
         cast_state_dict(state, "int8")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_length_buckets_run_their_k_chunks_under_left_padding_too(decoders, family):
+    """Left padding: the k length buckets still run (each cut to its own longest row where positions come from
+    the mask), so every process makes the same forwards, whatever its rows; the embeddings are the unbucketed
+    ones."""
+    from mnr.model import Encoder, Pipeline
+
+    tokenizer, transformer = load(decoders[family])
+    ensure_pad_token(tokenizer)
+    texts = [" ".join(["word"] * n) for n in (1, 3, 5, 7, 2, 9, 4, 6)]
+    rows = append_eos_batch(tokenizer(texts)["input_ids"], tokenizer.eos_token_id, 32)
+    ids, mask, _ = pad_batch(rows, tokenizer.pad_token_id, "left")
+    calls = []
+    hook = transformer.register_forward_hook(lambda m, i, out: calls.append(1))
+    with torch.no_grad():
+        whole = Encoder(transformer, 1, Pipeline("mean")).eval()(ids, mask)
+        calls.clear()
+        bucketed = Encoder(transformer, 2, Pipeline("mean")).eval()(ids, mask)
+    hook.remove()
+    assert len(calls) == 2 and float((whole - bucketed).abs().max()) < 1e-5

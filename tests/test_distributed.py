@@ -384,3 +384,23 @@ def test_fsdp_train_mnr_a_sharded_decoder_trains_like_one_process(tmp_path):
     print(f"max |w(qwen2, 2 proc x {LOCAL_BATCH}) - w(1 proc x {2 * LOCAL_BATCH})| = {diff:.3g}")
     assert diff < 5e-5
     AutoModel.from_pretrained(tmp_path / "sharded")
+
+
+@pytest.mark.slow
+def test_fsdp_train_mnr_uneven_negatives_under_gradcache_keep_the_processes_in_step(tmp_path, tiny):
+    """Examples with fewer than k negatives leave their empty slots out of the forward, so the processes of a
+    launch would embed different numbers of rows, and under GradCache run different numbers of chunks: sharded
+    parameters (one all-gather per unit per forward) would then fall out of step.  Sharded, every slot is
+    embedded: 2 sharded processes x 4 end at the weights of 1 process x 8."""
+    from test_sources import _k_all_args, _uneven_negatives
+
+    from mnr.train import main
+
+    args = _k_all_args(tiny, _uneven_negatives(tmp_path), tmp_path / "token-cache")
+    assert main([*args, "--batch-size", str(2 * LOCAL_BATCH), "--output-dir", str(tmp_path / "single")]) == 0
+    launch(["--config_file", "accelerate_configs/cpu_2proc.yaml"],
+           ["train_mnr.py", *args, "--batch-size", str(LOCAL_BATCH), "--mini-batch-size", "3", "--output-dir",
+            str(tmp_path / "sharded")], tmp_path, MNR_FSDP_CPU="1")
+    diff = max_abs_diff(load_weights(tmp_path / "sharded"), load_weights(tmp_path / "single"))
+    print(f"max |w(uneven negatives, 2 sharded proc x {LOCAL_BATCH}) - w(1 proc x {2 * LOCAL_BATCH})| = {diff:.3g}")
+    assert diff < 5e-5

@@ -101,7 +101,7 @@ def test_the_export_leaves_the_prompt_out_and_sentence_transformers_reads_it_so(
     assert "prompt's tokens left out" in (path / "README.md").read_text()
     identity = json.loads((path / "mnr_run.json").read_text())["run_identity"]
     assert identity["include_prompt"] is False
-    assert "include_prompt" not in json.loads((out["included"] / "mnr_run.json").read_text())["run_identity"]
+    assert json.loads((out["included"] / "mnr_run.json").read_text())["run_identity"]["include_prompt"] is None
     backbone = Backbone.load(str(path))
     assert backbone.pipeline.include_prompt is False and backbone.policy.include_prompt is False
     st = SentenceTransformer(str(path), device="cpu")

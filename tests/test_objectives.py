@@ -57,7 +57,7 @@ def test_the_run_identity_holds_the_loss_settings_as_given_in_the_configs_order(
     cfg = parse_config(flags)
     identity = run_identity(cfg, 1, str(tmp_path), "none", "none")
     settings = {k: v for k, v in cfg.to_dict().items() if k not in MAY_CHANGE_ON_RESUME}
-    for key in ("pooling", "query_prompt", "document_prompt"):  # as the base model's files resolve them
+    for key in ("pooling", "query_prompt", "document_prompt", "include_prompt"):  # as the base's files resolve them
         settings[key] = identity[key]
     # the config's settings, in its order and spelling: the identity of an existing run (and its checkpoints) stays
     assert json.dumps({k: identity[k] for k in settings}) == json.dumps(settings)
