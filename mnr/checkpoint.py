@@ -141,6 +141,12 @@ class TrainState:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_json(self) -> str:
+        """trainer_state.json: strict JSON (a score that is not a number, NaN, is null)."""
+        from mnr.reporting import json_ready
+
+        return json.dumps(json_ready(self.to_dict()), indent=2, allow_nan=False)
+
     @classmethod
     def from_dict(cls, data: dict) -> "TrainState":
         for key in ("epoch", "step_in_epoch", "global_step"):
@@ -263,7 +269,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
 
         def complete() -> None:
             state.files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-            (tmp / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2))  # last: marks it complete
+            (tmp / STATE_FILE).write_text(state.to_json())  # last: marks it complete
             fsync_tree(tmp)
             replace(tmp, final)
             if save_total_limit:

@@ -67,6 +67,18 @@ class MetricsLog:
         tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
         os.replace(tmp, self.path)
 
+    def drop_last(self) -> None:
+        """Remove the last record (an evaluation that a resume redoes, written once there)."""
+        if not distributed.is_main() or not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_text("".join(line + "\n" for line in lines[:-1]), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as err:
+            raise write_error(self.path, err) from None
+
     def write(self, record: dict) -> None:
         if not distributed.is_main():
             return

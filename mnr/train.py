@@ -226,6 +226,8 @@ def finish(t: Trainer) -> dict:
     evaluation saves the trained state (a resume finishes from there); one during the export lets it end."""
     after = _evaluate_and_log(t, "after training")
     if _stop_agreed(t):
+        if after:  # the resume redoes this evaluation and logs it: once in metrics.jsonl
+            t.metrics.drop_last()
         _report_stop(t, _final_checkpoint(t), "during the final evaluation")
         return t.summary
     bad = _nonfinite(t)

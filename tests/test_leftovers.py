@@ -55,3 +55,22 @@ def test_a_full_disk_while_logging_metrics_names_the_file(tmp_path, monkeypatch)
     with pytest.raises(OSError) as info:
         log.write({"step": 1, "loss": 0.5})
     assert str(tmp_path / "metrics.jsonl") in str(info.value) and "disk full" in str(info.value)
+
+
+def test_trainer_state_is_strict_json_when_a_score_is_not_a_number():
+    """A Spearman over constant scores is NaN: trainer_state.json holds null there (strict JSON readers, jq, other
+    languages refuse NaN), and the state reads back."""
+    import json
+    import math
+
+    from mnr.checkpoint import TrainState
+
+    state = TrainState(best_score=math.nan, metrics_before={"sts/spearman": math.nan, "sts/pearson": 0.5},
+                       run_identity={"lr": 1e-3}, scheduler={"last_epoch": 3})
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    data = json.loads(state.to_json(), parse_constant=refuse)
+    assert data["best_score"] is None and data["metrics_before"] == {"sts/spearman": None, "sts/pearson": 0.5}
+    assert TrainState.from_dict(data).scheduler == {"last_epoch": 3}

@@ -147,6 +147,9 @@ def test_sigterm_during_the_final_evaluation_saves_and_resume_auto_finishes(tmp_
     assert main(common + ["--resume", "auto"]) == 0
     assert (out / "model.safetensors").is_file() and json.loads((out / "mnr_run.json").read_text())["finished"]
     assert "eval after training" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r["step"] for r in records if any(k.endswith("/spearman") for k in r)]
+    assert evaluations == [0, 3]  # before training, and the final evaluation once (the stopped one is redone)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
