@@ -134,6 +134,12 @@ class TokenPolicy:
         special = set(getattr(self.tokenizer, "all_special_ids", ()) or ())
         return len(values) - int(bool(len(values)) and int(values[-1]) in special)
 
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens of `prompt` tokenised alone with the special tokens (and the EOS when appended), uncut: a prompt
+        of max_length tokens or more leaves no room for any text."""
+        ids = self.tokenizer(self.case(prompt), add_special_tokens=True)["input_ids"] if prompt else []
+        return len(ids) + int(self.append_eos and (not ids or ids[-1] != self.eos_token_id))
+
     def left_out(self, role: str | None) -> int:
         """Tokens the pooling leaves out at the start of each text of `role`: its prompt's (`prompt_length`)
         under `include_prompt: false`, else 0."""

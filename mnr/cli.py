@@ -141,6 +141,22 @@ def check_encoding_flags(args: argparse.Namespace) -> None:
         check_seq_length(args.max_seq_length, name="--max-seq-length")
 
 
+def check_prompt_room(policy, prompts, name: str = "--max-seq-length") -> None:
+    """ConfigError for a prompt that takes the whole of the policy's max length: every text would be cut to its
+    prompt alone (all texts the same embedding, or, with the prompt left out of the pooling, none).  `prompts`:
+    (query prompt, document prompt) pairs."""
+    from mnr.config import ConfigError
+
+    for pair in prompts:
+        for role, prompt in zip(("query", "document"), pair):
+            n = policy.prompt_tokens(prompt)
+            if prompt and n >= policy.max_length:
+                shown = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+                raise ConfigError(f"the {role} prompt {shown!r} is {n} tokens with the special tokens: {name} "
+                                  f"{policy.max_length} leaves no room for the text; raise {name} or shorten "
+                                  f"the prompt")
+
+
 def check_fits(max_seq_length: int | None, encoder, name: str = "--max-seq-length") -> int:
     """The max length to use with the loaded model: the given one, checked against the model's position limit
     (the one check of it: ConfigError naming `name`); None: DEFAULT_SEQ_LENGTH, or the limit when lower."""

@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup(args) -> tuple[list[Evaluator], object]:
     """Evaluators (with their Matryoshka sizes) and the model; a ValueError naming the input on bad input."""
     from mnr.backbone import Backbone
-    from mnr.cli import check_encoding_flags, check_fits
+    from mnr.cli import check_encoding_flags, check_fits, check_prompt_room
     from mnr.config import ConfigError, parse_dims
     from mnr.matryoshka import trained_dims, truncated_dims
 
@@ -405,6 +405,8 @@ def _setup(args) -> tuple[list[Evaluator], object]:
                              pooling=args.pooling, query_prompt=args.query_prompt,
                              document_prompt=args.document_prompt, include_prompt=args.include_prompt)
     max_seq_length = check_fits(args.max_seq_length, backbone.encoder)
+    check_prompt_room(backbone.policy.at_length(max_seq_length), [(backbone.policy.query_prompt,
+                                                                 backbone.policy.document_prompt)])
     width = getattr(backbone.config, "hidden_size", None)
     for ev in evaluators:
         ev.max_seq_length = max_seq_length

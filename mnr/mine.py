@@ -371,13 +371,15 @@ def _encoder_embed(args, device):
     """(embed queries, embed documents) through the model, sharded over the processes; the prompts and the
     pooling are the model's saved ones unless given."""
     from mnr.backbone import DOCUMENT, QUERY, Backbone
-    from mnr.cli import check_fits
+    from mnr.cli import check_fits, check_prompt_room
     from mnr.evaluate import encode_sharded
 
     backbone = Backbone.load(args.model, args.max_seq_length or 128, args.trust_remote_code, pooling=args.pooling,
                              query_prompt=args.query_prompt, document_prompt=args.document_prompt,
                              include_prompt=args.include_prompt)
     max_seq_length = check_fits(args.max_seq_length, backbone.encoder)
+    check_prompt_room(backbone.policy.at_length(max_seq_length), [(backbone.policy.query_prompt,
+                                                                 backbone.policy.document_prompt)])
     backbone.encoder.to(device)
 
     def embed(role: str) -> Embed:

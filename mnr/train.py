@@ -24,7 +24,7 @@ from mnr.atomic import atomic_dir, staged_into
 from mnr.card import EMBEDDED_TRAIN_DATA
 from mnr.checkpoint import (CheckpointError, TrainState, latest_checkpoint, load_checkpoint, newest_intact_checkpoint,
                             read_state, run_identity, save_checkpoint)
-from mnr.cli import check_fits
+from mnr.cli import check_fits, check_prompt_room
 from mnr.config import EMBEDDED_EVAL, EMBEDDED_TRAIN, TrainConfig
 from mnr.data import DataError, check_sources, split_specs
 from mnr.evaluate import Evaluator, build_evaluators, metric_choices
@@ -415,6 +415,7 @@ def _setup_data(cfg: TrainConfig, train_spec: str, policy, accelerator, prompts:
     # stops every process with its message).
     team = Team(distributed.rank(), accelerator.is_local_main_process, distributed.all_gather_object)
     sources = list(cfg.sources) or [train_spec]
+    check_prompt_room(policy, per_source_prompts(prompts, len(sources)), "max_seq_length")
     data = prepare_train_store(sources, policy, cfg.max_seq_length, cfg.hard_negatives, cfg.cache_dir, prompts, team)
     logger.info("train data %s: %s", train_spec, data.stats.summary())
     k, masked, line = negatives_plan(cfg, data.max_negatives, data.negatives_per_example(), data.sources,

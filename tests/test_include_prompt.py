@@ -169,3 +169,26 @@ def test_the_evaluators_and_mnr_evaluate_score_what_sentence_transformers_scores
         printed = json.loads(capsys.readouterr().out)
         (result,) = printed["results"].values()
         assert printed["include_prompt"] is include and result["spearman"] == pytest.approx(want, abs=1e-6)
+
+
+def test_a_prompt_that_fills_max_seq_length_is_refused_in_one_line(tiny_model, nli_file, tmp_path, capsys):
+    """Every text would be cut to the prompt alone: the same embedding for all, or, with the prompt left out of
+    the pooling, none.  Train, mnr.evaluate and mnr.mine refuse it, naming the prompt and the length."""
+    from mnr.evaluate import main as evaluate
+    from mnr.mine import main as mine
+
+    long = "represent this sentence for searching relevant passages in a very large collection: "
+    rc = main(train_args(tiny_model, nli_file, tmp_path / "out", "--max-seq-length", "8", "--query-prompt", long,
+                         "--eval-data", "none", "--cache-dir", str(tmp_path / "cache")))
+    err = capsys.readouterr().err
+    assert rc == 2 and "the query prompt 'represent this sentence for searching...' is" in err
+    assert "max_seq_length 8 leaves no room for the text" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert evaluate([str(tiny_model), "--max-seq-length", "8", "--document-prompt", long]) == 2
+    assert "the document prompt" in capsys.readouterr().err
+    assert mine([str(nli_file), "--model", str(tiny_model), "--max-seq-length", "8", "--query-prompt", long,
+                 "--output", str(tmp_path / "m.tsv")]) == 2
+    assert "--max-seq-length 8 leaves no room" in capsys.readouterr().err
+    # a prompt that leaves room trains
+    assert main(train_args(tiny_model, nli_file, tmp_path / "ok", "--max-steps", "1", "--query-prompt", "q: ",
+                           "--eval-data", "none", "--cache-dir", str(tmp_path / "cache"))) == 0
