@@ -28,6 +28,7 @@ def lora_run(tmp_path_factory):
     rc = main(train_args(base, train, out, "--max-steps", "3", "--lr", "1e-2", "--eval-data", "none",
                          "--lora-r", "4", "--lora-alpha", "8", "--gradient-checkpointing", "--mini-batch-size", "2",
                          "--save-adapter", "--matryoshka-dims", "32,16", "--query-prompt", PROMPT,
+                         "--max-seq-length", "96",  # the prompt alone is 68 tokens: room for the texts
                          "--cache-dir", str(root / "cache")))
     assert rc == 0
     return base, out
