@@ -112,8 +112,7 @@ class TokenPolicy:
         prompts are settings of their own there)."""
         return {"tokenizer": self.tokenizer_state[:16], "padding_side": self.padding_side,
                 "truncation_side": self.truncation_side, "pad_token_id": self.pad_token_id,
-                "append_eos": self.append_eos, "do_lower_case": self.do_lower_case,
-                **({} if self.include_prompt else {"include_prompt": False})}
+                "append_eos": self.append_eos, "do_lower_case": self.do_lower_case}
 
     def fingerprint(self) -> str:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
@@ -383,14 +382,12 @@ def decoder_tokenizer(tokenizer, config) -> list[str]:
 
 
 def load_policy(model: str, max_length: int, trust_remote_code: bool = False, pooling: str = "",
-                query_prompt: str | None = None, document_prompt: str | None = None,
-                include_prompt: bool | None = None) -> TokenPolicy:
+                query_prompt: str | None = None, document_prompt: str | None = None) -> TokenPolicy:
     """The TokenPolicy a run of this model would use (tokenizer and sentence-transformers files only)."""
     from mnr.model import pipeline_choices
 
     _, pipeline, tokenizer = load_tokenizer(model, trust_remote_code, log=False)
-    chosen = dataclasses.replace(pipeline, **pipeline_choices(pipeline, pooling, query_prompt, document_prompt,
-                                                             include_prompt))
+    chosen = dataclasses.replace(pipeline, **pipeline_choices(pipeline, pooling, query_prompt, document_prompt))
     return TokenPolicy.of(tokenizer, max_length, chosen)
 
 

@@ -60,14 +60,13 @@ def run_identity(cfg, world_size: int, model_path: str, train_spec: str, eval_sp
     # the config's loss fields as the objective states them (None: not a setting of it), then entries of its own
     settings.update(dict.fromkeys(OBJECTIVE_FIELDS) | (objective or objective_from_config(cfg)).identity())
     # pooling and prompts as the run uses them (a default follows the base model's sentence-transformers files)
-    choices = pipeline_choices(read_pipeline(model_path), cfg.pooling, cfg.query_prompt, cfg.document_prompt)
+    choices = pipeline_choices(read_pipeline(model_path), cfg.pooling, cfg.query_prompt, cfg.document_prompt,
+                               cfg.include_prompt)
     settings.update(choices)
     settings["include_prompt"] = None if choices["include_prompt"] else False  # in its place: None, the prompt pooled
-    # the tokenizer as the run tokenises (its whole state, sides, pad token, lower-casing, the prompt left out of
-    # the pooling): a switch refuses to resume
+    # the tokenizer as the run tokenises (its whole state, sides, pad token, lower-casing): a switch refuses to resume
     try:
-        settings.update(load_policy(model_path, cfg.max_seq_length, cfg.trust_remote_code,
-                                    include_prompt=cfg.include_prompt).identity())
+        settings.update(load_policy(model_path, cfg.max_seq_length, cfg.trust_remote_code).identity())
     except ModelError:  # no usable tokenizer: loading the model stops the run, with this message
         pass
     # an adapter to start from enters by content too (a run without one has no such key)

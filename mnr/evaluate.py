@@ -159,14 +159,6 @@ def encode_sharded(backbone, texts: list[str], max_seq_length: int = 128, batch_
                    lambda mine: _embed_batches(backbone, texts, mine, max_seq_length, device, role))
 
 
-def with_prompt(backbone, texts: list[str], role: str) -> list[str]:
-    """`texts` with the policy's prompt of `role` ("query" or "document") in front (as the training store did;
-    the lower-casing, when the policy has it, comes with the tokenising).  `encode(..., role=)` puts it in
-    itself and also leaves its tokens out of the pooling under include_prompt: false."""
-    prompt = backbone.policy.prompt(role)
-    return [prompt + text for text in texts] if prompt else texts
-
-
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
